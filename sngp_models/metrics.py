@@ -1,0 +1,260 @@
+"""Classification, calibration and out-of-distribution (OOD) metrics.
+
+All functions take plain numpy arrays:
+
+* ``probs``: predictive class probabilities, shape ``(N, C)`` with ``C >= 2``,
+  entries in ``[0, 1]`` and rows summing to 1 (tolerance ``1e-3``).
+* ``y_true``: integer class labels, shape ``(N,)``, values in ``[0, C)``.
+* ``unc_in`` / ``unc_ood``: 1-D uncertainty scores of in-distribution and OOD
+  examples; a higher score means "more likely OOD".
+
+Every input is validated and a :class:`ValueError` naming the offending
+argument is raised on bad input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+__all__ = [
+    "accuracy",
+    "brier",
+    "classification_metrics",
+    "ece",
+    "nll",
+    "ood_aupr",
+    "ood_auroc",
+    "ood_fpr95",
+    "ood_metrics",
+    "uncertainty_score",
+]
+
+_ROW_SUM_TOL = 1e-3
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_probs(probs: np.ndarray, name: str = "probs") -> np.ndarray:
+    """Return ``probs`` as a float64 ``(N, C)`` array or raise ``ValueError``."""
+    try:
+        p = np.asarray(probs, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{name} must be a numeric array of shape (N, C); got {type(probs).__name__}"
+        ) from exc
+    if p.ndim != 2:
+        raise ValueError(f"{name} must be 2-D with shape (N, C); got ndim={p.ndim} (shape {p.shape})")
+    n, c = p.shape
+    if n < 1:
+        raise ValueError(f"{name} must contain at least one example (N >= 1); got shape {p.shape}")
+    if c < 2:
+        raise ValueError(f"{name} must have at least 2 classes (C >= 2); got shape {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    if np.any(p < 0.0) or np.any(p > 1.0):
+        raise ValueError(f"{name} entries must lie in [0, 1]; got min={p.min():g}, max={p.max():g}")
+    row_sums = p.sum(axis=1)
+    worst = float(np.max(np.abs(row_sums - 1.0)))
+    if worst > _ROW_SUM_TOL:
+        raise ValueError(f"{name} rows must sum to 1 (within {_ROW_SUM_TOL:g}); worst deviation is {worst:g}")
+    return p
+
+
+def _check_labels(y_true: np.ndarray, n: int, n_classes: int, name: str = "y_true") -> np.ndarray:
+    """Return ``y_true`` as an int64 ``(n,)`` array with values in ``[0, n_classes)``."""
+    y = np.asarray(y_true)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D with shape (N,); got ndim={y.ndim} (shape {y.shape})")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} must have the same length as probs ({n}); got {y.shape[0]}")
+    if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{name} must contain integer class labels; got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating) and not (np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+        raise ValueError(f"{name} must contain integer class labels; got non-integer values")
+    y = y.astype(np.int64)
+    if np.any(y < 0) or np.any(y >= n_classes):
+        raise ValueError(
+            f"{name} labels must lie in [0, {n_classes}) (number of columns of probs); "
+            f"got min={y.min()}, max={y.max()}"
+        )
+    return y
+
+
+def _check_inputs(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = _check_probs(probs)
+    y = _check_labels(y_true, p.shape[0], p.shape[1])
+    return y, p
+
+
+def _check_scores(scores: np.ndarray, name: str) -> np.ndarray:
+    """Return a finite, non-empty 1-D float64 score array or raise ``ValueError``."""
+    try:
+        s = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a numeric 1-D array; got {type(scores).__name__}") from exc
+    if s.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got ndim={s.ndim} (shape {s.shape})")
+    if s.size == 0:
+        raise ValueError(f"{name} must be non-empty")
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    return s
+
+
+def _ood_labels_scores(unc_in: np.ndarray, unc_ood: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stack scores with binary labels: 0 = in-distribution, 1 = OOD (positive class)."""
+    s_in = _check_scores(unc_in, "unc_in")
+    s_ood = _check_scores(unc_ood, "unc_ood")
+    labels = np.concatenate([np.zeros(s_in.size, dtype=np.int64), np.ones(s_ood.size, dtype=np.int64)])
+    return labels, np.concatenate([s_in, s_ood])
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def uncertainty_score(probs: np.ndarray) -> np.ndarray:
+    r"""Per-example predictive uncertainty.
+
+    .. math:: u_i = \frac{1}{2}\Bigl(1 - \sum_c p_{ic}^2\Bigr)
+
+    i.e. half the Gini impurity. For two classes with ``p = p_{i0}`` this equals
+    ``p (1 - p)`` (the quantity plotted in the SNGP tutorial): ``(1 - p^2 - (1-p)^2) / 2 = p(1-p)``.
+    Range ``[0, (1 - 1/C) / 2]``; 0.25 for a uniform binary prediction.
+
+    Args:
+        probs: class probabilities, shape ``(N, C)``.
+
+    Returns:
+        Array of shape ``(N,)``.
+    """
+    p = _check_probs(probs)
+    return 0.5 * (1.0 - np.sum(p * p, axis=1))
+
+
+def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
+    r"""Top-1 accuracy: :math:`\frac{1}{N}\sum_i \mathbb{1}[\arg\max_c p_{ic} = y_i]`.
+
+    Ties in ``argmax`` resolve to the lowest class index (numpy convention).
+    """
+    y, p = _check_inputs(y_true, probs)
+    return float(np.mean(np.argmax(p, axis=1) == y))
+
+
+def nll(y_true: np.ndarray, probs: np.ndarray, eps: float = 1e-12) -> float:
+    r"""Mean negative log-likelihood: :math:`-\frac{1}{N}\sum_i \log \tilde p_{i, y_i}`.
+
+    where :math:`\tilde p = \mathrm{clip}(p, \varepsilon, 1)` avoids ``log(0)``.
+
+    Args:
+        y_true: integer labels ``(N,)``.
+        probs: class probabilities ``(N, C)``.
+        eps: lower clipping bound, must be in ``(0, 1)``.
+    """
+    if not (isinstance(eps, (int, float, np.floating)) and 0.0 < float(eps) < 1.0):
+        raise ValueError(f"eps must be a float in (0, 1); got {eps!r}")
+    y, p = _check_inputs(y_true, probs)
+    p_true = np.clip(p[np.arange(p.shape[0]), y], float(eps), 1.0)
+    return float(-np.mean(np.log(p_true)))
+
+
+def brier(y_true: np.ndarray, probs: np.ndarray) -> float:
+    r"""Multi-class Brier score: :math:`\frac{1}{N}\sum_i \sum_c (p_{ic} - \mathbb{1}[y_i = c])^2`.
+
+    Range ``[0, 2]``; 0 for a perfect confident classifier, 0.5 for ``p = (0.5, 0.5)``.
+    """
+    y, p = _check_inputs(y_true, probs)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(p.shape[0]), y] = 1.0
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+def ece(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    r"""Expected calibration error with equal-width confidence bins.
+
+    Confidence :math:`\hat c_i = \max_c p_{ic}`, prediction :math:`\hat y_i = \arg\max_c p_{ic}`.
+    The interval ``[0, 1]`` is split into ``n_bins`` equal-width bins
+    :math:`B_1 = [0, 1/M],\ B_b = ((b-1)/M, b/M]` for ``b > 1`` (so a confidence of
+    exactly 1.0 falls into the last bin). Then
+
+    .. math:: \mathrm{ECE} = \sum_{b:\,n_b > 0} \frac{n_b}{N}\,\bigl|\mathrm{acc}_b - \mathrm{conf}_b\bigr|
+
+    with :math:`\mathrm{acc}_b` the mean of :math:`\mathbb{1}[\hat y_i = y_i]` and
+    :math:`\mathrm{conf}_b` the mean of :math:`\hat c_i` over the examples in bin ``b``.
+    Empty bins are skipped.
+    """
+    if isinstance(n_bins, (bool, np.bool_)) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    y, p = _check_inputs(y_true, probs)
+    conf = np.max(p, axis=1)
+    correct = (np.argmax(p, axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    # side="left" on the inner edges: conf == edge goes to the lower bin -> bins are (lo, hi],
+    # conf == 0 goes to bin 0 and conf == 1 to the last bin.
+    bin_idx = np.searchsorted(edges[1:-1], conf, side="left")
+    n = conf.size
+    total = 0.0
+    for b in range(int(n_bins)):
+        mask = bin_idx == b
+        n_b = int(mask.sum())
+        if n_b == 0:
+            continue
+        total += (n_b / n) * abs(float(correct[mask].mean()) - float(conf[mask].mean()))
+    return float(total)
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """All classification metrics: keys ``accuracy``, ``nll``, ``brier``, ``ece`` (default settings)."""
+    y, p = _check_inputs(y_true, probs)
+    return {
+        "accuracy": accuracy(y, p),
+        "nll": nll(y, p),
+        "brier": brier(y, p),
+        "ece": ece(y, p),
+    }
+
+
+# --------------------------------------------------------------------------- OOD detection
+
+
+def ood_auroc(unc_in: np.ndarray, unc_ood: np.ndarray) -> float:
+    r"""Area under the ROC curve for separating OOD (positive) from in-distribution (negative).
+
+    Score = uncertainty. Equals :math:`P(u_{ood} > u_{in}) + \tfrac12 P(u_{ood} = u_{in})`;
+    1.0 = perfect separation, 0.5 = chance, 0.0 = perfectly reversed.
+    """
+    labels, scores = _ood_labels_scores(unc_in, unc_ood)
+    return float(roc_auc_score(labels, scores))
+
+
+def ood_aupr(unc_in: np.ndarray, unc_ood: np.ndarray) -> float:
+    r"""Area under the precision-recall curve with OOD as positive class (average precision).
+
+    :math:`\mathrm{AP} = \sum_k (R_k - R_{k-1}) P_k` over decreasing score thresholds
+    (``sklearn.metrics.average_precision_score``). Chance level is the OOD fraction.
+    """
+    labels, scores = _ood_labels_scores(unc_in, unc_ood)
+    return float(average_precision_score(labels, scores))
+
+
+def ood_fpr95(unc_in: np.ndarray, unc_ood: np.ndarray) -> float:
+    r"""False-positive rate at 95 % true-positive rate (lower is better).
+
+    :math:`\min\{\mathrm{FPR}(t) : \mathrm{TPR}(t) \ge 0.95\}` over all thresholds ``t`` of
+    ``sklearn.metrics.roc_curve`` (OOD positive, score = uncertainty).
+    """
+    labels, scores = _ood_labels_scores(unc_in, unc_ood)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return float(np.min(fpr[tpr >= 0.95]))
+
+
+def ood_metrics(unc_in: np.ndarray, unc_ood: np.ndarray) -> dict[str, float]:
+    """All OOD metrics: keys ``ood_auroc``, ``ood_aupr``, ``ood_fpr95``."""
+    s_in = _check_scores(unc_in, "unc_in")
+    s_ood = _check_scores(unc_ood, "unc_ood")
+    return {
+        "ood_auroc": ood_auroc(s_in, s_ood),
+        "ood_aupr": ood_aupr(s_in, s_ood),
+        "ood_fpr95": ood_fpr95(s_in, s_ood),
+    }

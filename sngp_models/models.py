@@ -1,0 +1,253 @@
+"""The four uncertainty methods behind one scikit-learn-like interface.
+
+    make_model(method, **config) -> model;  model.fit(x, y) -> model
+    model.predict_proba(x) -> (N, C);  model.predict_with_uncertainty(x) -> Prediction(probs, uncertainty)
+    model.save(path);  load_model(path) -> model (exact round trip)
+
+The uncertainty score is the study's p(1-p) generalised to C classes: (1 - sum_c p_c^2) / 2.
+Prediction runs in batches of `predict_batch_size` rows through one compiled function per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._tf import tf
+from .config import ModelConfig, check_method
+from .networks import ResNetMembers, SNGPResNet
+from .training import EpochCallback, fit_network
+from .validation import NotFittedError, check_features, check_labels
+
+FORMAT_VERSION = 1
+_MC_SEED_STREAM = 0x5EED
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probs: np.ndarray  # (N, C), rows sum to 1
+    uncertainty: np.ndarray  # (N,), (1 - sum_c p_c^2) / 2
+
+
+def _uncertainty(probs: tf.Tensor) -> tf.Tensor:
+    return 0.5 * (1.0 - tf.reduce_sum(tf.square(probs), axis=-1))
+
+
+class UncertaintyModel:
+    """Shared behaviour: validation, batched prediction, saving. Subclasses define the net and one batch."""
+
+    method: str = ""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        self.config = config or ModelConfig()
+        self.input_dim: int | None = None
+        self.net = None
+        self.history_: dict[str, list[float]] = {}
+        self._predict_fn = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(method={self.method!r}, seed={self.config.seed})"
+
+    # --- subclass hooks -------------------------------------------------------------------------
+    def _build_net(self, input_dim: int):
+        return ResNetMembers(input_dim, self.config, num_members=1)
+
+    def _batch_probs(self, x: tf.Tensor, batch_index: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    # --- public interface -----------------------------------------------------------------------
+    def fit(self, x, y, on_epoch_end: EpochCallback | None = None) -> UncertaintyModel:
+        """Train on x (N, D) float and y (N,) int labels; `on_epoch_end(epoch, {"loss", "accuracy"})`."""
+        x = check_features(x, "x")
+        y = check_labels(y, x.shape[0], self.config.num_classes)
+        self.input_dim = int(x.shape[1])
+        self.net = self._build_net(self.input_dim)
+        self._predict_fn = None
+        self.history_ = fit_network(self.net, x, y, self.config, on_epoch_end)
+        return self
+
+    def predict_with_uncertainty(self, x) -> Prediction:
+        self._check_fitted()
+        x = check_features(x, "x", self.input_dim)
+        fn = self._compiled_predict()
+        size = self.config.predict_batch_size
+        probs = np.empty((x.shape[0], self.config.num_classes), dtype=np.float32)
+        unc = np.empty((x.shape[0],), dtype=np.float32)
+        for b, start in enumerate(range(0, x.shape[0], size)):
+            p, u = fn(tf.constant(x[start:start + size]), tf.constant(b, dtype=tf.int64))
+            probs[start:start + size] = p.numpy()
+            unc[start:start + size] = u.numpy()
+        return Prediction(probs=probs, uncertainty=unc)
+
+    def predict_proba(self, x) -> np.ndarray:
+        return self.predict_with_uncertainty(x).probs
+
+    def predict(self, x) -> np.ndarray:
+        return np.argmax(self.predict_proba(x), axis=1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write config + weights atomically: a directory appears at `path` only once complete."""
+        self._check_fitted()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            weights = {f"w{i:03d}": v.numpy() for i, v in enumerate(self.net.all_weights)}
+            np.savez(tmp / "weights.npz", **weights)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "method": self.method,
+                "config": self.config.to_dict(),
+                "input_dim": self.input_dim,
+                "history": self.history_,
+                "weight_shapes": [list(w.shape) for w in weights.values()],
+            }
+            (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+            manifest = {name: _sha256(tmp / name) for name in ("weights.npz", "model.json")}
+            # Written last: a directory without a valid manifest is never loaded as a model.
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            if path.exists():
+                trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                path.rename(trash)
+                tmp.rename(path)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    # --- internals ------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if self.net is None:
+            raise NotFittedError(f"{self.method} model is not fitted yet: call fit(x, y) or load_model(path) first")
+
+    def _compiled_predict(self):
+        if self._predict_fn is None:
+            @tf.function(input_signature=[tf.TensorSpec([None, self.input_dim], tf.float32),
+                                          tf.TensorSpec([], tf.int64)])
+            def predict(x, batch_index):
+                probs = self._batch_probs(x, batch_index)
+                return probs, _uncertainty(probs)
+
+            self._predict_fn = predict
+        return self._predict_fn
+
+
+class DeterministicModel(UncertaintyModel):
+    """The tutorial's DeepResNet: one softmax over the logits of one network."""
+
+    method = "deterministic"
+
+    def _batch_probs(self, x, batch_index):
+        return tf.nn.softmax(self.net.logits(x)[0], axis=-1)
+
+
+class MCDropoutModel(UncertaintyModel):
+    """The deterministic net, called `num_mc_samples` times with dropout on; softmax averaged.
+
+    All passes run as one batched forward (the batch tiled K times). Masks are stateless and seeded by
+    (seed, batch index), so a prediction is reproducible, also after save/load.
+    """
+
+    method = "mc_dropout"
+
+    @classmethod
+    def from_deterministic(cls, model: DeterministicModel, config: ModelConfig | None = None) -> MCDropoutModel:
+        """Reuse a trained deterministic net (the tutorial does exactly this) instead of training again."""
+        model._check_fitted()
+        new = cls(config or model.config)
+        new.input_dim, new.net, new.history_ = model.input_dim, model.net, dict(model.history_)
+        return new
+
+    def _batch_probs(self, x, batch_index):
+        k = self.config.num_mc_samples
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([self.config.seed, _MC_SEED_STREAM], tf.int64), batch_index)
+        tiled = tf.tile(x, [k, 1])  # (K*B, D): every pass gets its own dropout masks
+        logits = self.net.logits(tiled, dropout_seed=seed)[0]
+        probs = tf.nn.softmax(tf.reshape(logits, [k, -1, self.config.num_classes]), axis=-1)
+        return tf.reduce_mean(probs, axis=0)
+
+
+class DeepEnsembleModel(UncertaintyModel):
+    """`ensemble_size` independently initialised DeepResNets trained as one batched graph; softmax averaged."""
+
+    method = "deep_ensemble"
+
+    def _build_net(self, input_dim):
+        return ResNetMembers(input_dim, self.config, num_members=self.config.ensemble_size)
+
+    def _batch_probs(self, x, batch_index):
+        return tf.reduce_mean(tf.nn.softmax(self.net.logits(x), axis=-1), axis=0)
+
+
+class SNGPModel(UncertaintyModel):
+    """Spectral-normalised ResNet with a random-feature GP output; mean-field softmax, single pass."""
+
+    method = "sngp"
+
+    def _build_net(self, input_dim):
+        return SNGPResNet(input_dim, self.config)
+
+    def _batch_probs(self, x, batch_index):
+        return tf.nn.softmax(self.net.mean_field_logits(x), axis=-1)
+
+
+_CLASSES = {cls.method: cls for cls in (DeterministicModel, SNGPModel, MCDropoutModel, DeepEnsembleModel)}
+
+
+def make_model(method: str, config: ModelConfig | None = None, **overrides: Any) -> UncertaintyModel:
+    """A new, unfitted model; any ModelConfig field by name overrides the study's defaults."""
+    check_method(method)
+    base = config.to_dict() if config is not None else {}
+    return _CLASSES[method](ModelConfig.from_kwargs(**{**base, **overrides}))
+
+
+def load_model(path: str | os.PathLike) -> UncertaintyModel:
+    """Load a model written by `save`; refuses incomplete or altered directories."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"{path}: not a complete saved model (no manifest.json); it may be half-written")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        for name, digest in manifest.items():
+            if _sha256(path / name) != digest:
+                raise ValueError(f"{path / name}: checksum mismatch; the saved model is corrupt")
+        meta = json.loads((path / "model.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable saved model: {exc}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    model = make_model(meta["method"], ModelConfig.from_kwargs(**meta["config"]))
+    model.input_dim = int(meta["input_dim"])
+    model.net = model._build_net(model.input_dim)
+    with np.load(path / "weights.npz") as weights:
+        arrays = [weights[f"w{i:03d}"] for i in range(len(weights.files))]
+    variables = model.net.all_weights
+    if len(arrays) != len(variables) or any(a.shape != tuple(v.shape) for a, v in zip(arrays, variables)):
+        raise ValueError(f"{path}: saved weights do not match a {meta['method']} network with this config")
+    for var, arr in zip(variables, arrays):
+        var.assign(arr)
+    model.net.finalize()
+    model.history_ = meta.get("history", {})
+    return model
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

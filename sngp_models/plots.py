@@ -1,0 +1,232 @@
+"""Decision-surface plots reproducing the figure of the TensorFlow SNGP tutorial.
+
+Only :class:`matplotlib.figure.Figure` objects are created (no ``pyplot`` global state), so the
+functions are thread-safe and work headless. Save a figure with ``fig.savefig(path)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+
+__all__ = ["DISPLAY_NAMES", "TRAIN_COLORS", "plot_comparison", "plot_method"]
+
+TRAIN_COLORS = ("#377eb8", "#ff7f00")
+DISPLAY_NAMES = {
+    "deterministic": "Deterministic",
+    "sngp": "SNGP",
+    "mc_dropout": "MC Dropout",
+    "deep_ensemble": "Deep Ensemble",
+}
+
+_TRAIN_CMAP = ListedColormap(list(TRAIN_COLORS))
+_PANEL_WIDTH = 14.0
+_ROW_HEIGHT = 5.0
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_grid_shape(grid_shape: Sequence[int]) -> tuple[int, int]:
+    try:
+        ny, nx = (int(v) for v in grid_shape)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"grid_shape must be a pair of positive ints (ny, nx); got {grid_shape!r}") from exc
+    if ny < 1 or nx < 1:
+        raise ValueError(f"grid_shape must be a pair of positive ints (ny, nx); got {grid_shape!r}")
+    return ny, nx
+
+
+def _check_range(values: Sequence[float], name: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a pair (low, high) of floats; got {values!r}") from exc
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError(f"{name} must be finite with low < high; got {values!r}")
+    return lo, hi
+
+
+def _check_grid_values(values: np.ndarray, grid_shape: tuple[int, int], name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    expected = grid_shape[0] * grid_shape[1]
+    if arr.size != expected:
+        raise ValueError(
+            f"{name} must have grid_shape[0]*grid_shape[1] = {expected} elements; got {arr.size} "
+            f"(shape {arr.shape})"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    return arr.reshape(grid_shape)
+
+
+def _check_points(points: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(points, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{name} must have shape (N, 2); got {arr.shape}")
+    return arr
+
+
+def _check_training(x_train: np.ndarray, y_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = _check_points(x_train, "x_train")
+    y = np.asarray(y_train)
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y_train must be 1-D with length {x.shape[0]} (len(x_train)); got shape {y.shape}")
+    return x, y
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _draw_surface(
+    ax: Axes,
+    values: np.ndarray,
+    *,
+    x_range: tuple[float, float],
+    y_range: tuple[float, float],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_ood: np.ndarray | None,
+    normalize: bool = False,
+) -> AxesImage:
+    """Draw one surface panel (image + training data + OOD points) on ``ax``.
+
+    ``values`` is already shaped ``(ny, nx)``. With ``normalize=True`` the values are divided by
+    their maximum (left unchanged if the maximum is 0) so the colour scale spans [0, 1].
+    """
+    if normalize:
+        vmax = float(np.max(values))
+        if vmax > 0:
+            values = values / vmax
+    ax.set_xlim(x_range)
+    ax.set_ylim(y_range)
+    image = ax.imshow(
+        values,
+        origin="lower",
+        extent=(*x_range, *y_range),
+        vmin=0.0,
+        vmax=1.0,
+        interpolation="bicubic",
+        aspect="auto",
+    )
+    ax.scatter(x_train[:, 0], x_train[:, 1], c=y_train, cmap=_TRAIN_CMAP, vmin=0, vmax=1, alpha=0.5)
+    if x_ood is not None and x_ood.shape[0] > 0:
+        ax.scatter(x_ood[:, 0], x_ood[:, 1], c="red", alpha=0.1)
+    return image
+
+
+def _draw_row(
+    fig: Figure,
+    axes: Sequence[Axes],
+    probs: np.ndarray,
+    uncertainty: np.ndarray,
+    *,
+    model_name: str,
+    **kwargs: object,
+) -> None:
+    """Draw the (probability, normalised uncertainty) pair of panels with colorbars and titles."""
+    im_prob = _draw_surface(axes[0], probs, normalize=False, **kwargs)
+    im_unc = _draw_surface(axes[1], uncertainty, normalize=True, **kwargs)
+    fig.colorbar(im_prob, ax=axes[0])
+    fig.colorbar(im_unc, ax=axes[1])
+    axes[0].set_title(f"Class Probability, {model_name}")
+    axes[1].set_title(f"(Normalized) Predictive Uncertainty, {model_name}")
+
+
+def _common_kwargs(
+    grid_shape: Sequence[int],
+    x_range: Sequence[float],
+    y_range: Sequence[float],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_ood: np.ndarray | None,
+) -> tuple[tuple[int, int], dict[str, object]]:
+    shape = _check_grid_shape(grid_shape)
+    x, y = _check_training(x_train, y_train)
+    kwargs: dict[str, object] = {
+        "x_range": _check_range(x_range, "x_range"),
+        "y_range": _check_range(y_range, "y_range"),
+        "x_train": x,
+        "y_train": y,
+        "x_ood": None if x_ood is None else _check_points(x_ood, "x_ood"),
+    }
+    return shape, kwargs
+
+
+def plot_method(
+    grid_probs: np.ndarray,
+    grid_uncertainty: np.ndarray,
+    *,
+    grid_shape: Sequence[int],
+    x_range: Sequence[float],
+    y_range: Sequence[float],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_ood: np.ndarray | None = None,
+    model_name: str,
+) -> Figure:
+    """Tutorial figure for one method: class-0 probability (left) and normalised uncertainty (right).
+
+    Args:
+        grid_probs: class-0 probability on the grid, ``grid_shape[0] * grid_shape[1]`` values
+            (row-major, y varies slowest), reshaped to ``grid_shape = (ny, nx)``.
+        grid_uncertainty: uncertainty on the same grid; divided by its maximum for display.
+        grid_shape: ``(ny, nx)``.
+        x_range, y_range: ``(low, high)`` extent of the grid; also used as axis limits.
+        x_train, y_train: training inputs ``(N, 2)`` and class labels ``(N,)``.
+        x_ood: optional OOD inputs ``(M, 2)``, drawn in translucent red.
+        model_name: shown in the panel titles.
+
+    Returns:
+        A 14x5 inch :class:`~matplotlib.figure.Figure` with two image panels and their colorbars.
+    """
+    shape, kwargs = _common_kwargs(grid_shape, x_range, y_range, x_train, y_train, x_ood)
+    probs = _check_grid_values(grid_probs, shape, "grid_probs")
+    unc = _check_grid_values(grid_uncertainty, shape, "grid_uncertainty")
+    fig = Figure(figsize=(_PANEL_WIDTH, _ROW_HEIGHT))
+    axes = fig.subplots(1, 2)
+    _draw_row(fig, axes, probs, unc, model_name=model_name, **kwargs)
+    return fig
+
+
+def plot_comparison(
+    surfaces: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    grid_shape: Sequence[int],
+    x_range: Sequence[float],
+    y_range: Sequence[float],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_ood: np.ndarray | None = None,
+) -> Figure:
+    """All methods in one image: one row of (probability, normalised uncertainty) panels per method.
+
+    Args:
+        surfaces: ``{method_key: (grid_probs, grid_uncertainty)}``; rows follow the dict order and
+            titles use :data:`DISPLAY_NAMES` (falling back to the key).
+        grid_shape, x_range, y_range, x_train, y_train, x_ood: as in :func:`plot_method`.
+
+    Returns:
+        A figure of width 14 and height ``5 * len(surfaces)`` inches with ``2 * len(surfaces)``
+        image panels.
+    """
+    if not isinstance(surfaces, Mapping) or len(surfaces) == 0:
+        raise ValueError("surfaces must be a non-empty mapping {method: (grid_probs, grid_uncertainty)}")
+    shape, kwargs = _common_kwargs(grid_shape, x_range, y_range, x_train, y_train, x_ood)
+    rows = []
+    for key, pair in surfaces.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"surfaces[{key!r}] must be a pair (grid_probs, grid_uncertainty)")
+        probs = _check_grid_values(pair[0], shape, f"surfaces[{key!r}] grid_probs")
+        unc = _check_grid_values(pair[1], shape, f"surfaces[{key!r}] grid_uncertainty")
+        rows.append((DISPLAY_NAMES.get(key, str(key)), probs, unc))
+    fig = Figure(figsize=(_PANEL_WIDTH, _ROW_HEIGHT * len(rows)))
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for row_axes, (name, probs, unc) in zip(axes, rows, strict=True):
+        _draw_row(fig, row_axes, probs, unc, model_name=name, **kwargs)
+    return fig
