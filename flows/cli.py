@@ -1,2 +1,72 @@
-def main():
-    raise SystemExit("not yet")
+"""The `sngp` command: one entry point, one module per subcommand (imported only when used).
+
+Each subcommand module defines `HELP` (one line), `add_arguments(parser)` and `main(args) -> int`.
+Errors the user can fix (bad config, port in use, ...) raise `UserError`: printed as one line, exit 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "run": "flows.run_command",
+    "retrain": "flows.retrain_command",
+    "serve": "flows.serve",
+    "sweep": "flows.sweep_command",
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment: reported as one clear line, exit code 2."""
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(SUBCOMMANDS[name])
+    except ModuleNotFoundError as exc:  # a subcommand not shipped yet
+        if exc.name == SUBCOMMANDS[name]:
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sngp",
+        description="Uncertainty-aware deep learning with SNGP: Prefect pipelines recorded in MLflow.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = _load(name)
+        if module is None:
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.main(args) or 0)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"sngp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sngp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

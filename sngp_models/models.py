@@ -6,16 +6,13 @@
 
 The uncertainty score is the study's p(1-p) generalised to C classes: (1 - sum_c p_c^2) / 2.
 Prediction runs in batches of `predict_batch_size` rows through one compiled function per model.
+A fifth, optional method `exact_gp` (exact_gp.py, scikit-learn, no TensorFlow) shares this interface and
+the save format (interface.py); make_model and load_model dispatch to it too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +20,13 @@ import numpy as np
 
 from ._tf import tf
 from .config import ModelConfig, check_method
+from .exact_gp import ExactGPModel
+from .interface import FORMAT_VERSION, Prediction, read_model_dir, write_model_dir  # noqa: F401 (re-exported)
 from .networks import ResNetMembers, SNGPResNet
 from .training import EpochCallback, fit_network
 from .validation import NotFittedError, check_features, check_labels
 
-FORMAT_VERSION = 1
 _MC_SEED_STREAM = 0x5EED
-
-
-@dataclass(frozen=True)
-class Prediction:
-    probs: np.ndarray  # (N, C), rows sum to 1
-    uncertainty: np.ndarray  # (N,), (1 - sum_c p_c^2) / 2
 
 
 def _uncertainty(probs: tf.Tensor) -> tf.Tensor:
@@ -96,36 +88,15 @@ class UncertaintyModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write config + weights atomically: a directory appears at `path` only once complete."""
         self._check_fitted()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            weights = {f"w{i:03d}": v.numpy() for i, v in enumerate(self.net.all_weights)}
-            np.savez(tmp / "weights.npz", **weights)
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "method": self.method,
-                "config": self.config.to_dict(),
-                "input_dim": self.input_dim,
-                "history": self.history_,
-                "weight_shapes": [list(w.shape) for w in weights.values()],
-            }
-            (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-            manifest = {name: _sha256(tmp / name) for name in ("weights.npz", "model.json")}
-            # Written last: a directory without a valid manifest is never loaded as a model.
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            if path.exists():
-                trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                path.rename(trash)
-                tmp.rename(path)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        weights = {f"w{i:03d}": v.numpy() for i, v in enumerate(self.net.all_weights)}
+        meta = {
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "input_dim": self.input_dim,
+            "history": self.history_,
+            "weight_shapes": [list(w.shape) for w in weights.values()],
+        }
+        return write_model_dir(path, meta, lambda tmp: np.savez(tmp / "weights.npz", **weights))
 
     # --- internals ------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -204,33 +175,24 @@ class SNGPModel(UncertaintyModel):
         return tf.nn.softmax(self.net.mean_field_logits(x), axis=-1)
 
 
-_CLASSES = {cls.method: cls for cls in (DeterministicModel, SNGPModel, MCDropoutModel, DeepEnsembleModel)}
+_CLASSES = {cls.method: cls for cls in (DeterministicModel, SNGPModel, MCDropoutModel, DeepEnsembleModel,
+                                       ExactGPModel)}
 
 
-def make_model(method: str, config: ModelConfig | None = None, **overrides: Any) -> UncertaintyModel:
+def make_model(method: str, config: ModelConfig | None = None, **overrides: Any) -> UncertaintyModel | ExactGPModel:
     """A new, unfitted model; any ModelConfig field by name overrides the study's defaults."""
     check_method(method)
     base = config.to_dict() if config is not None else {}
     return _CLASSES[method](ModelConfig.from_kwargs(**{**base, **overrides}))
 
 
-def load_model(path: str | os.PathLike) -> UncertaintyModel:
-    """Load a model written by `save`; refuses incomplete or altered directories."""
+def load_model(path: str | os.PathLike) -> UncertaintyModel | ExactGPModel:
+    """Load a model written by `save` (any method); refuses incomplete or altered directories."""
     path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise ValueError(f"{path}: not a complete saved model (no manifest.json); it may be half-written")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        for name, digest in manifest.items():
-            if _sha256(path / name) != digest:
-                raise ValueError(f"{path / name}: checksum mismatch; the saved model is corrupt")
-        meta = json.loads((path / "model.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable saved model: {exc}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    meta = read_model_dir(path)
     model = make_model(meta["method"], ModelConfig.from_kwargs(**meta["config"]))
+    if isinstance(model, ExactGPModel):
+        return model._restore(path, meta)
     model.input_dim = int(meta["input_dim"])
     model.net = model._build_net(model.input_dim)
     with np.load(path / "weights.npz") as weights:
@@ -243,11 +205,3 @@ def load_model(path: str | os.PathLike) -> UncertaintyModel:
     model.net.finalize()
     model.history_ = meta.get("history", {})
     return model
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

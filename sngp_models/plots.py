@@ -230,3 +230,33 @@ def plot_comparison(
     for row_axes, (name, probs, unc) in zip(axes, rows, strict=True):
         _draw_row(fig, row_axes, probs, unc, model_name=name, **kwargs)
     return fig
+
+
+def plot_surface(
+    values: np.ndarray,
+    *,
+    kind: str,
+    grid_shape: Sequence[int],
+    x_range: Sequence[float],
+    y_range: Sequence[float],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_ood: np.ndarray | None = None,
+    model_name: str,
+) -> Figure:
+    """One panel of the tutorial figure on its own (7x5.5, as the notebook's single plots).
+
+    ``kind="probability"`` draws the class-0 probability; ``kind="uncertainty"`` the uncertainty
+    normalised by its maximum. Used for the per-method ``class_probability.png`` / ``uncertainty.png``.
+    """
+    titles = {"probability": "Class Probability", "uncertainty": "(Normalized) Predictive Uncertainty"}
+    if kind not in titles:
+        raise ValueError(f"kind must be one of {sorted(titles)}, got {kind!r}")
+    shape, kwargs = _common_kwargs(grid_shape, x_range, y_range, x_train, y_train, x_ood)
+    grid = _check_grid_values(values, shape, "values")
+    fig = Figure(figsize=(7.0, 5.5))
+    ax = fig.subplots()
+    image = _draw_surface(ax, grid, normalize=kind == "uncertainty", **kwargs)
+    fig.colorbar(image, ax=ax)
+    ax.set_title(f"{titles[kind]}, {model_name}")
+    return fig

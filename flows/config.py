@@ -1,0 +1,231 @@
+"""Typed pipeline configuration: YAML file + `--set key=value` overrides, validated before anything runs.
+
+The YAML sections mirror the flow's parameters (seed, methods, data, model, training, sngp, mc_dropout,
+deep_ensemble, mlflow), so a deployment's `--param training='{"epochs": 5}'` and the CLI's
+`--set training.epochs=5` mean the same thing. Unknown keys are errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sngp_models.config import METHODS, ModelConfig
+
+Method = Literal["deterministic", "sngp", "mc_dropout", "deep_ensemble"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Two moons (train and a fresh test sample), the evaluation grid and the OOD cluster."""
+
+    n_train_per_class: int = Field(500, ge=1, le=1_000_000)
+    noise: float = Field(0.1, ge=0, le=10)
+    n_test_per_class: int = Field(250, ge=1, le=1_000_000)
+    grid_size: int = Field(100, ge=2, le=2000)
+    x_range: tuple[float, float] = (-3.5, 3.5)
+    y_range: tuple[float, float] = (-2.5, 2.5)
+    n_ood: int = Field(500, ge=1, le=1_000_000)
+    ood_mean: tuple[float, float] = (2.5, -1.75)
+    ood_var: tuple[float, float] = (0.01, 0.01)
+
+    @field_validator("x_range", "y_range")
+    @classmethod
+    def _increasing(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] < v[1]):
+            raise ValueError("must be [low, high] with low < high")
+        return v
+
+    @field_validator("ood_var")
+    @classmethod
+    def _positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(x > 0 for x in v):
+            raise ValueError("variances must be > 0")
+        return v
+
+
+class ModelSection(Section):
+    """The residual network shared by every method."""
+
+    num_layers: int = Field(6, ge=0, le=100)
+    num_hidden: int = Field(128, ge=1, le=8192)
+    dropout_rate: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainingConfig(Section):
+    epochs: int = Field(100, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, le=1_000_000)
+    learning_rate: float = Field(1e-4, gt=0, le=10)
+
+
+class SNGPConfig(Section):
+    spec_norm_bound: float = Field(0.9, gt=0, le=1000)
+    num_inducing: int = Field(1024, ge=1, le=16384)
+    gp_cov_momentum: float = -1.0
+    gp_cov_ridge_penalty: float = Field(1.0, gt=0)
+    gp_kernel_scale: float = Field(1.0, gt=0)
+    mean_field_factor: float = Field(math.pi / 8, ge=0)
+
+    @field_validator("gp_cov_momentum")
+    @classmethod
+    def _momentum(cls, v: float) -> float:
+        if not (v == -1 or 0 < v < 1):
+            raise ValueError("must be -1 (exact sum over an epoch) or in (0, 1)")
+        return v
+
+
+class MCDropoutConfig(Section):
+    num_samples: int = Field(10, ge=1, le=1000)
+
+
+class DeepEnsembleConfig(Section):
+    ensemble_size: int = Field(10, ge=1, le=100)
+
+
+class MlflowConfig(Section):
+    experiment: str = Field("sngp-uncertainty", min_length=1, max_length=200)
+    # None: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.
+    tracking_uri: str | None = None
+
+
+class PipelineConfig(Section):
+    seed: int = Field(0, ge=0, lt=2**31)
+    methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    data: DataConfig = DataConfig()
+    model: ModelSection = ModelSection()
+    training: TrainingConfig = TrainingConfig()
+    sngp: SNGPConfig = SNGPConfig()
+    mc_dropout: MCDropoutConfig = MCDropoutConfig()
+    deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @model_validator(mode="after")
+    def _unique_methods(self) -> PipelineConfig:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: each method may appear once, got {self.methods}")
+        return self
+
+    def model_config_for(self, method: str) -> ModelConfig:
+        """The library config for one method (the study's defaults where the pipeline has no field)."""
+        return ModelConfig(
+            num_layers=self.model.num_layers, num_hidden=self.model.num_hidden,
+            dropout_rate=self.model.dropout_rate, epochs=self.training.epochs,
+            batch_size=self.training.batch_size, learning_rate=self.training.learning_rate,
+            seed=self.seed, spec_norm_bound=self.sngp.spec_norm_bound, num_inducing=self.sngp.num_inducing,
+            gp_cov_momentum=self.sngp.gp_cov_momentum, gp_cov_ridge_penalty=self.sngp.gp_cov_ridge_penalty,
+            gp_kernel_scale=self.sngp.gp_kernel_scale, mean_field_factor=self.sngp.mean_field_factor,
+            num_mc_samples=self.mc_dropout.num_samples, ensemble_size=self.deep_ensemble.ensemble_size,
+        )
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = ",".join(str(v) for v in value)
+        else:
+            out[name] = value
+    return out
+
+
+class ConfigError(ValueError):
+    """A config the user must fix; the message names the key, the value and what is allowed."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read YAML (None: the study's defaults), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+        if loaded is None:
+            raise ConfigError(f"config file {str(path)!r} is empty; give at least one setting, e.g. 'seed: 0'")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, "
+                              f"got a {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, raw)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`training.epochs=5`, `methods=[sngp]`: the value is parsed as YAML (so 5 is an int)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.epochs=5")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = PipelineConfig
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def describe_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "see conf/default.yaml"
+            lines.append(f"{key}: unknown key; allowed keys here: {allowed}")
+            continue
+        msg = err["msg"]
+        if err["type"] == "literal_error":
+            msg = f"unknown value; allowed: {', '.join(METHODS)}" if loc[:1] == ("methods",) else msg
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"{key}: {msg}{shown}")
+    return "invalid config: " + "; ".join(lines)

@@ -1,0 +1,808 @@
+"""`sngp serve`: the Prefect server, the MLflow tracking server and a process worker, on one data dir.
+
+Started as child processes, in this order, each waited for until healthy:
+
+    prefect server start --host H --port P          PREFECT_HOME=DIR/prefect, SQLite DIR/prefect/prefect.db
+                                                     (or --prefect-db postgresql://...)
+    mlflow server --host H --port Q --artifacts-destination DIR/mlflow/artifacts --workers 1
+                                                     backend store sqlite:///DIR/mlflow/mlflow.db (or --db)
+    prefect work-pool create POOL --type process --overwrite
+    prefect worker start --pool POOL --name sngp-serve-worker
+                                                     PREFECT_API_URL / MLFLOW_TRACKING_URI point at the servers
+
+Logs go to DIR/logs/*.log; restarting on the same DIR keeps every run, deployment and work pool.
+Ctrl-C / SIGTERM stops the worker first (it tends to ignore the first signal, so TERM, TERM, KILL),
+then both servers. docker/compose.yaml starts the same commands as separate services.
+
+Database URLs carry passwords: they reach the servers through environment variables (never argv) and
+are only ever shown redacted (postgresql://user:***@host/db).
+
+The same machinery is a small Python API for tests and scripts:
+
+    with start_services("/tmp/stack", prefect_port=4311, mlflow_port=5311) as services:
+        subprocess.run([...], env={**os.environ, **services.env})   # PREFECT_API_URL, MLFLOW_TRACKING_URI
+
+This module imports only the standard library at import time (the `sngp` CLI imports it to build
+its parser); psycopg2 is imported only to check a PostgreSQL URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Self
+
+from flows.cli import UserError
+
+HELP = "start the Prefect server, MLflow tracking server and a process worker (Ctrl-C stops all)"
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PREFECT_PORT = 4200
+DEFAULT_MLFLOW_PORT = 5000
+DEFAULT_WORK_POOL = "sngp-pool"
+WORKER_NAME = "sngp-serve-worker"
+DB_URL_ENV = "SNGP_DB_URL"  # MLflow backend store (PostgreSQL) when --db is not given
+PREFECT_DB_URL_ENV = "SNGP_PREFECT_DB_URL"  # Prefect server database when --prefect-db is not given
+DEFAULT_TIMEOUT = 120.0
+
+# Worker: TERM, wait, TERM again (it often ignores the first one), wait, then KILL the process group.
+WORKER_STOP_SCHEDULE = ((signal.SIGTERM, 3.0), (signal.SIGTERM, 3.0))
+SERVER_STOP_SCHEDULE = ((signal.SIGTERM, 10.0),)
+
+_POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg2", "postgresql+asyncpg"}
+# Database settings a user's shell may carry; the servers get exactly the ones we set.
+_PREFECT_DB_ENV_PREFIXES = ("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")
+
+
+class ServiceError(UserError):
+    """A server did not start (or died): names it and quotes the end of its log."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands (shared with docker/compose.yaml, which runs the same argv in separate containers)
+
+
+def prefect_server_command(host: str, port: int) -> list[str]:
+    return ["prefect", "server", "start", "--host", host, "--port", str(port)]
+
+
+def mlflow_server_command(host: str, port: int, artifacts_destination: str) -> list[str]:
+    return [
+        "mlflow", "server", "--host", host, "--port", str(port),
+        "--artifacts-destination", artifacts_destination, "--workers", "1",
+    ]  # fmt: skip
+
+
+def work_pool_command(pool: str) -> list[str]:
+    return ["prefect", "work-pool", "create", pool, "--type", "process", "--overwrite"]
+
+
+def worker_command(pool: str, name: str | None = WORKER_NAME) -> list[str]:
+    return ["prefect", "worker", "start", "--pool", pool] + (["--name", name] if name else [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Database URLs
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by *** (postgresql://user:***@host:5432/db)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    hostpart = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{hostpart}"))
+
+
+def _postgres_urls(url: str, option: str) -> tuple[str, str]:
+    """(psycopg2 URL for MLflow / libpq, asyncpg URL for Prefect) from a postgresql:// URL."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        raise UserError(f"{option} is not a valid URL") from None
+    if parts.scheme not in _POSTGRES_SCHEMES or not parts.hostname:
+        raise UserError(
+            f"{option} must be a PostgreSQL URL like postgresql://user:password@host:5432/dbname "
+            f"(got {redact_url(url)})"
+        )
+    if not parts.path.strip("/"):
+        raise UserError(f"{option} must name a database: postgresql://user:password@host:5432/dbname")
+    rest = url.split("://", 1)[1]
+    return f"postgresql://{rest}", f"postgresql+asyncpg://{rest}"
+
+
+def _check_database(url: str, what: str) -> None:
+    """Fail fast, with a clear message, if the PostgreSQL database cannot be reached."""
+    try:
+        import psycopg2
+    except ImportError:  # pragma: no cover - psycopg2-binary is a project dependency
+        raise UserError("PostgreSQL support needs psycopg2: pip install psycopg2-binary") from None
+    try:
+        psycopg2.connect(url, connect_timeout=5).close()
+    except psycopg2.Error as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"cannot connect to the {what} database {redact_url(url)}: {reason}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Ports, HTTP
+
+
+def _url_host(host: str) -> str:
+    """Host to put in client URLs: wildcard binds are reached through loopback; IPv6 gets brackets."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def check_port_free(host: str, port: int, option: str) -> None:
+    """UserError unless `port` can be bound on `host` (as the servers will, with SO_REUSEADDR)."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"{option} must be between 1 and 65535 (got {port})")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host!r} is not a valid address: {exc.strerror}") from None
+    family, socktype, proto, _, sockaddr = infos[0]
+    with socket.socket(family, socktype, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
+                raise UserError(f"port {port} is already in use (choose another with {option})") from None
+            raise UserError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); check --host and {option}"
+            ) from None
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 2.0):
+    """GET (or POST JSON) and decode the JSON/text answer; raises OSError/ValueError on failure."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with _NO_PROXY.open(request, timeout=timeout) as response:
+        text = response.read().decode()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _healthy(url: str) -> bool:
+    try:
+        _http(url)
+        return True
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Child processes
+
+
+def _executable(name: str) -> str:
+    """The console script installed beside this interpreter (the project venv), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise UserError(f"`{name}` is not installed (pip install -e . in the project venv)")
+    return found
+
+
+def _parent_death_signal(sig: int) -> Callable[[], None] | None:
+    """preexec_fn making the child receive `sig` if this process dies (Linux prctl PR_SET_PDEATHSIG).
+
+    So a launcher killed with SIGKILL does not leave servers running. Linux ties this to the *thread*
+    that started the child: start services from a thread that outlives them (normally the main one).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    log_offset: int
+    secrets: tuple[str, ...] = ()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 25) -> str:
+        """The last lines this child wrote to its log (this start only), passwords redacted."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self.log_offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return f"(no log at {self.log})"
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        kept = [line for line in text.splitlines() if line.strip()][-lines:]
+        if not kept:
+            return f"({self.log} is empty)"
+        return f"last lines of {self.log}:\n" + "\n".join("    " + line for line in kept)
+
+
+def _spawn(
+    name: str,
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    log: Path,
+    death_signal: int | None,
+    secrets: tuple[str, ...] = (),
+) -> _Child:
+    argv = [_executable(argv[0]), *argv[1:]]
+    with open(log, "ab") as f:
+        offset = f.tell()
+        stamp = datetime.now().isoformat(timespec="seconds")
+        f.write(f"\n===== {stamp} sngp serve: {' '.join(argv)}\n".encode())
+        f.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,  # own process group: Ctrl-C reaches only us, we stop them in order
+            # preexec_fn only calls prctl (no locks, no imports): safe enough with other threads running.
+            preexec_fn=_parent_death_signal(death_signal) if death_signal else None,  # noqa: PLW1509
+        )
+    return _Child(name, proc, log, offset, secrets)
+
+
+def _signal(child: _Child, sig: int) -> None:
+    try:
+        os.kill(child.proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _terminate(children: list[_Child], schedule) -> None:
+    """Signal the children per `schedule` [(signal, seconds to wait)], then KILL whatever remains,
+    including leftovers in their process groups (uvicorn workers, flow-run subprocesses)."""
+    children = [c for c in children if c is not None]
+    for sig, wait in schedule:
+        running = [c for c in children if c.alive]
+        if not running:
+            break
+        for child in running:
+            _signal(child, sig)
+        deadline = time.monotonic() + wait
+        while any(c.alive for c in running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for child in children:
+        if child.alive:
+            _killpg(child.proc.pid, signal.SIGKILL)
+        child.proc.wait()
+    for child in children:  # the leader is gone; give its group a moment, then KILL the rest
+        deadline = time.monotonic() + 2.0
+        while _group_exists(child.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _killpg(child.proc.pid, signal.SIGKILL)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# The stack
+
+
+class Services:
+    """Prefect server + MLflow server (+ work pool and one process worker) on one data directory.
+
+    `start()` returns once everything answers (or raises ServiceError naming what failed, having
+    stopped the rest); `stop()` shuts down in order. Use as a context manager or `start_services()`.
+    URLs are available before starting: `prefect_url`, `prefect_api_url`, `mlflow_url`, `env`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        host: str = DEFAULT_HOST,
+        prefect_port: int = DEFAULT_PREFECT_PORT,
+        mlflow_port: int = DEFAULT_MLFLOW_PORT,
+        db_url: str | None = None,
+        prefect_db_url: str | None = None,
+        work_pool: str = DEFAULT_WORK_POOL,
+        worker: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        log: Callable[[str], None] | None = None,
+        die_with_parent: bool = True,
+    ):
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.host = host
+        self.prefect_port = int(prefect_port)
+        self.mlflow_port = int(mlflow_port)
+        self.db_url = db_url
+        self.prefect_db_url = prefect_db_url
+        self.work_pool = work_pool
+        self.worker = worker
+        self.timeout = timeout
+        self._log = log or (lambda message: None)
+        self._die_with_parent = die_with_parent
+        self._children: dict[str, _Child] = {}
+        self._lock_file = None
+        self._stopped = True
+        self.startup_seconds: float | None = None
+
+    # URLs --------------------------------------------------------------------------------------
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.prefect_port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"{self.prefect_url}/api"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.mlflow_port}"
+
+    @property
+    def mlflow_ui_url(self) -> str:
+        # MLflow 3 opens in its GenAI view; this query selects the classic runs/experiments view.
+        return f"{self.mlflow_url}/#/experiments?workflowType=machine_learning"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client process needs to record to these servers."""
+        return {"PREFECT_API_URL": self.prefect_api_url, "MLFLOW_TRACKING_URI": self.mlflow_url}
+
+    @property
+    def mlflow_store_display(self) -> str:
+        return redact_url(self.db_url) if self.db_url else f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def prefect_store_display(self) -> str:
+        return (
+            redact_url(self.prefect_db_url)
+            if self.prefect_db_url
+            else f"sqlite:///{self.prefect_home / 'prefect.db'}"
+        )
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.data_dir / "prefect"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.data_dir / "mlflow"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    # Checks ------------------------------------------------------------------------------------
+    def _secrets(self) -> tuple[str, ...]:
+        found = []
+        for url in (self.db_url, self.prefect_db_url):
+            if url:
+                password = urllib.parse.urlsplit(url).password
+                if password:
+                    found += [password, urllib.parse.unquote(password)]
+        return tuple(sorted(set(found), key=len, reverse=True))
+
+    def _preflight(self) -> tuple[str, str]:
+        """Validate everything cheap to validate; returns (MLflow store URI, Prefect database URL)."""
+        if self.prefect_port == self.mlflow_port:
+            raise UserError(
+                f"--prefect-port and --mlflow-port are both {self.prefect_port}; choose two ports"
+            )
+        if not self.work_pool.strip():
+            raise UserError("--work-pool must not be empty")
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise UserError(f"--data-dir {self.data_dir} exists and is not a directory")
+        check_port_free(self.host, self.prefect_port, "--prefect-port")
+        check_port_free(self.host, self.mlflow_port, "--mlflow-port")
+
+        mlflow_store = f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+        prefect_db = f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}"
+        if self.db_url:
+            mlflow_store, _ = _postgres_urls(self.db_url, "--db")
+        if self.prefect_db_url:
+            check_url, prefect_db = _postgres_urls(self.prefect_db_url, "--prefect-db")
+            if self.db_url and _same_database(mlflow_store, check_url):
+                raise UserError(
+                    "--db and --prefect-db must be different databases (MLflow and Prefect each keep "
+                    "their own schema migrations)"
+                )
+        if self.db_url:
+            _check_database(mlflow_store, "MLflow")
+        if self.prefect_db_url:
+            _check_database(check_url, "Prefect")
+
+        try:
+            for path in (self.prefect_home, self.mlflow_dir / "artifacts", self.log_dir):
+                path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create {exc.filename}: {exc.strerror}") from None
+        self._lock_file = open(self.data_dir / ".serve.lock", "w")  # noqa: SIM115 - held while we run
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise UserError(
+                f"another `sngp serve` is already running on --data-dir {self.data_dir}"
+            ) from None
+        return mlflow_store, prefect_db
+
+    # Environments ------------------------------------------------------------------------------
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for key in list(env):
+            if key.startswith(_PREFECT_DB_ENV_PREFIXES) or key in (
+                "MLFLOW_BACKEND_STORE_URI", DB_URL_ENV, PREFECT_DB_URL_ENV,
+            ):  # fmt: skip
+                del env[key]  # no database credentials where they are not needed
+        env["PREFECT_HOME"] = str(self.prefect_home)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _prefect_server_env(self, database_url: str) -> dict[str, str]:
+        return {
+            **self._base_env(),
+            "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
+            "PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_UI_API_URL": self.prefect_api_url,  # else the UI calls the default port 4200
+            "PREFECT_SERVER_API_HOST": self.host,
+            "PREFECT_SERVER_API_PORT": str(self.prefect_port),
+        }
+
+    def _mlflow_server_env(self, store_uri: str) -> dict[str, str]:
+        return {
+            **self._base_env(),
+            "MLFLOW_BACKEND_STORE_URI": store_uri,  # = --backend-store-uri, kept out of `ps`
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner: ~0.5 GB instead of ~2.8 GB
+        }
+
+    def _client_env(self) -> dict[str, str]:
+        return {**self._base_env(), **self.env, "PREFECT_CLI_PROMPT": "false"}
+
+    # Lifecycle ---------------------------------------------------------------------------------
+    def start(self, stop_event: threading.Event | None = None) -> Services:
+        """Start everything and wait until healthy. KeyboardInterrupt if `stop_event` is set meanwhile."""
+        if not self._stopped:
+            raise RuntimeError("services already started")
+        self._stopped = False
+        try:
+            self._start(stop_event)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, stop_event: threading.Event | None) -> None:
+        mlflow_store, prefect_db = self._preflight()
+        t0 = time.monotonic()
+        death = signal.SIGTERM if self._die_with_parent else None
+        secrets = self._secrets()
+        self._log(f"starting Prefect and MLflow servers in {self.data_dir} (logs in {self.log_dir})")
+        self._children["prefect"] = _spawn(
+            "Prefect server",
+            prefect_server_command(self.host, self.prefect_port),
+            env=self._prefect_server_env(prefect_db),
+            cwd=self.prefect_home,
+            log=self.log_dir / "prefect-server.log",
+            death_signal=death,
+            secrets=secrets,
+        )
+        self._children["mlflow"] = _spawn(
+            "MLflow server",
+            mlflow_server_command(self.host, self.mlflow_port, str(self.mlflow_dir / "artifacts")),
+            env=self._mlflow_server_env(mlflow_store),
+            cwd=self.mlflow_dir,
+            log=self.log_dir / "mlflow-server.log",
+            death_signal=death,
+            secrets=secrets,
+        )
+        health = {
+            "prefect": f"{self.prefect_api_url}/health",
+            "mlflow": f"{self.mlflow_url}/health",
+        }
+        pending = ["prefect", "mlflow", "pool"] + (["worker"] if self.worker else [])
+        deadline = t0 + self.timeout
+        worker_started_at: datetime | None = None
+        while pending:
+            if stop_event is not None and stop_event.is_set():
+                raise KeyboardInterrupt
+            for key, child in self._children.items():
+                if key != "pool" and not child.alive:
+                    raise ServiceError(
+                        f"{child.name} exited during start-up (exit code {child.proc.returncode}); "
+                        + child.tail()
+                    )
+            for key in ("prefect", "mlflow"):
+                if key in pending and _healthy(health[key]):
+                    pending.remove(key)
+                    self._log(
+                        f"{self._children[key].name} is up at {health[key]} ({time.monotonic() - t0:.1f} s)"
+                    )
+            if "pool" in pending and "prefect" not in pending:
+                pool = self._children.get("pool")
+                if pool is None:
+                    self._children["pool"] = _spawn(
+                        f"work pool creation ({self.work_pool})",
+                        work_pool_command(self.work_pool),
+                        env=self._client_env(),
+                        cwd=self.data_dir,
+                        log=self.log_dir / "work-pool.log",
+                        death_signal=death,
+                    )
+                elif not pool.alive:
+                    if pool.proc.returncode != 0:
+                        raise ServiceError(
+                            f"creating work pool {self.work_pool!r} failed (exit code {pool.proc.returncode}); "
+                            + pool.tail()
+                        )
+                    pending.remove("pool")
+                    self._log(
+                        f"work pool {self.work_pool!r} (process) is ready ({time.monotonic() - t0:.1f} s)"
+                    )
+                    if self.worker:
+                        worker_started_at = datetime.now().astimezone() - timedelta(seconds=1)
+                        self._children["worker"] = _spawn(
+                            "Prefect worker",
+                            worker_command(self.work_pool, WORKER_NAME),
+                            env=self._client_env(),
+                            cwd=Path.cwd(),
+                            log=self.log_dir / "worker.log",
+                            death_signal=signal.SIGKILL if self._die_with_parent else None,
+                        )
+            if (
+                "worker" in pending
+                and worker_started_at is not None
+                and self._worker_online(worker_started_at)
+            ):
+                pending.remove("worker")
+                self._log(
+                    f"worker {WORKER_NAME!r} is polling {self.work_pool!r} ({time.monotonic() - t0:.1f} s)"
+                )
+            if pending and time.monotonic() > deadline:
+                raise self._timeout_error(pending[0], health)
+            if pending:
+                time.sleep(0.2)
+        self.startup_seconds = time.monotonic() - t0
+
+    def _timeout_error(self, what: str, health: dict[str, str]) -> ServiceError:
+        child = self._children.get(what)
+        if what in health:
+            message = f"{child.name} did not answer {health[what]} within {self.timeout:.0f} s"
+        elif what == "pool":
+            message = f"creating work pool {self.work_pool!r} did not finish within {self.timeout:.0f} s"
+            child = child or self._children["prefect"]
+        else:
+            message = f"the Prefect worker did not come online in pool {self.work_pool!r} within {self.timeout:.0f} s"
+        return ServiceError(f"{message}; {child.tail() if child else ''}")
+
+    def worker_status(self) -> dict | None:
+        """The Prefect server's record of our worker (name, status, last_heartbeat_time), or None."""
+        pool = urllib.parse.quote(self.work_pool, safe="")
+        try:
+            workers = _http(f"{self.prefect_api_url}/work_pools/{pool}/workers/filter", body={})
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+        for worker in workers if isinstance(workers, list) else []:
+            if worker.get("name") == WORKER_NAME:
+                return worker
+        return None
+
+    def _worker_online(self, since: datetime) -> bool:
+        worker = self.worker_status()
+        if not worker or worker.get("status") != "ONLINE" or not worker.get("last_heartbeat_time"):
+            return False
+        try:
+            beat = datetime.fromisoformat(worker["last_heartbeat_time"])
+        except ValueError:
+            return False
+        return beat >= since  # a fresh heartbeat, not one left from a previous start
+
+    def failed(self) -> list[_Child]:
+        """Long-running children that have exited (they should not while started)."""
+        return [c for key, c in self._children.items() if key != "pool" and not c.alive]
+
+    def stop(self) -> float:
+        """Stop the worker first, then both servers; returns the seconds it took. Idempotent."""
+        t0 = time.monotonic()
+        if self._children:
+            _terminate([self._children.get("worker"), self._children.get("pool")], WORKER_STOP_SCHEDULE)
+            _terminate([self._children.get("prefect"), self._children.get("mlflow")], SERVER_STOP_SCHEDULE)
+            self._children.clear()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        self._stopped = True
+        return time.monotonic() - t0
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _same_database(a: str, b: str) -> bool:
+    pa, pb = urllib.parse.urlsplit(a), urllib.parse.urlsplit(b)
+    return (pa.hostname, pa.port or 5432, pa.path.strip("/")) == (
+        pb.hostname,
+        pb.port or 5432,
+        pb.path.strip("/"),
+    )
+
+
+@contextmanager
+def start_services(data_dir: str | os.PathLike, **kwargs) -> Iterator[Services]:
+    """Start the stack (see `Services` for the keyword arguments); stopped on exit."""
+    services = Services(data_dir, **kwargs)
+    services.start()
+    try:
+        yield services
+    finally:
+        services.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", required=True, type=Path, metavar="DIR",
+        help="where the servers keep their data (prefect/, mlflow/, logs/); reused on restart",
+    )  # fmt: skip
+    parser.add_argument("--prefect-port", type=int, default=DEFAULT_PREFECT_PORT, metavar="PORT")
+    parser.add_argument("--mlflow-port", type=int, default=DEFAULT_MLFLOW_PORT, metavar="PORT")
+    parser.add_argument(
+        "--db", metavar="URL", default=None,
+        help=f"PostgreSQL URL for MLflow's backend store (default: ${DB_URL_ENV}, else SQLite in DIR/mlflow)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefect-db", metavar="URL", default=None,
+        help=f"PostgreSQL URL for the Prefect server's database, not the same database as --db "
+        f"(default: ${PREFECT_DB_URL_ENV}, else SQLite in DIR/prefect)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="address both servers bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--work-pool", default=DEFAULT_WORK_POOL, metavar="NAME", help="process work pool to create"
+    )
+    parser.add_argument("--no-worker", action="store_true", help="create the work pool but start no worker")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        help="how long to wait for everything to come up (default: %(default)s)",
+    )  # fmt: skip
+
+
+def _say(message: str) -> None:
+    print(f"sngp serve: {message}", flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    services = Services(
+        args.data_dir,
+        host=args.host,
+        prefect_port=args.prefect_port,
+        mlflow_port=args.mlflow_port,
+        db_url=args.db or os.environ.get(DB_URL_ENV) or None,
+        prefect_db_url=args.prefect_db or os.environ.get(PREFECT_DB_URL_ENV) or None,
+        work_pool=args.work_pool,
+        worker=not args.no_worker,
+        timeout=args.timeout,
+        log=_say,
+    )
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    handled = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    try:
+        services.start(stop_event=stop)
+        _print_ready(services)
+        while not stop.wait(1.0):
+            failed = services.failed()
+            if failed:
+                child = failed[0]
+                print(
+                    f"sngp serve: error: {child.name} stopped unexpectedly (exit code {child.proc.returncode}); "
+                    f"{child.tail()}\nsngp serve: stopping the other services",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+        _say(f"received {signal.Signals(received[0]).name}, stopping the worker, then the servers")
+    finally:
+        seconds = services.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _say(f"stopped ({seconds:.1f} s); data kept in {services.data_dir}")
+    return 0
+
+
+def _print_ready(services: Services) -> None:
+    worker = f", worker {WORKER_NAME!r}" if services.worker else " (no worker: --no-worker)"
+    lines = [
+        f"all services are up ({services.startup_seconds:.1f} s)",
+        "",
+        f"  Prefect UI:   {services.prefect_url}",
+        f"  MLflow UI:    {services.mlflow_ui_url}",
+        f"  Work pool:    {services.work_pool} (process){worker}",
+        f"  Prefect DB:   {services.prefect_store_display}",
+        f"  MLflow store: {services.mlflow_store_display}, artifacts in {services.mlflow_dir / 'artifacts'}",
+        f"  Logs:         {services.log_dir}/",
+        "",
+        "Point clients (sngp run, prefect deploy, mlflow) at these servers with:",
+        "",
+        f"  export PREFECT_API_URL={services.prefect_api_url} MLFLOW_TRACKING_URI={services.mlflow_url}",
+        "",
+        "Press Ctrl-C to stop everything.",
+    ]
+    print(
+        "\n".join(f"sngp serve: {line}" if line and i == 0 else line for i, line in enumerate(lines)),
+        flush=True,
+    )

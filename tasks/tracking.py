@@ -1,0 +1,127 @@
+"""Recording to MLflow: one parent run per flow run, one nested run per method.
+
+Everything is logged from the flow's own thread (MLflow's fluent API is not thread-safe), after the
+cached tasks have produced their files, so a run whose tasks all hit the cache still gets a complete
+record: params, per-epoch curves, metrics, the pyfunc model and the PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from . import pyfunc_model
+from .pyfunc_model import signature
+
+# Logging from our own signature: no input example (it would load TensorFlow to validate it).
+warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Explicit requirements: letting MLflow infer them re-imports the model in a subprocess on every log.
+_PIP_REQUIREMENTS = ["tensorflow==2.20.0", "tf-keras==2.20.1", "tf-models-official==2.20.0",
+                     "numpy", "pandas", "scikit-learn"]
+
+
+def redact(text: str) -> str:
+    """Hide passwords in URLs (postgresql://user:secret@host -> postgresql://user:***@host)."""
+    return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def setup(tracking_uri: str, experiment: str) -> str:
+    """Point MLflow at the store and return the experiment id (created on first use)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):
+        # Embedded default: artefacts beside the database, not in whatever the cwd happens to be later.
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        location = (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another run
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_params(params: dict[str, Any]) -> None:
+    mlflow.log_params({k: redact(str(v))[:6000] for k, v in params.items()})
+
+
+def log_curves(history: dict[str, list[float]]) -> None:
+    client = MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    from mlflow.entities import Metric
+
+    ts = 0
+    batch = [Metric(name, float(v), ts, step) for name, values in history.items()
+             for step, v in enumerate(values)]
+    for start in range(0, len(batch), 1000):  # log_batch accepts at most 1000 metrics per call
+        client.log_batch(run_id, metrics=batch[start:start + 1000])
+
+
+def log_model(model_dir: str) -> str:
+    """Log the library model as a pyfunc with an input signature; returns the model URI."""
+    meta = json.loads((Path(model_dir) / "model.json").read_text())
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=pyfunc_model.__file__,
+        artifacts={"model_dir": model_dir},
+        signature=signature(int(meta["input_dim"]), int(meta["config"]["num_classes"])),
+        pip_requirements=_PIP_REQUIREMENTS,
+    )
+    return info.model_uri
+
+
+def log_text_artifact(text: str, file_name: str, artifact_path: str | None = None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / file_name
+        path.write_text(text)
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}  ->  #/experiments/{experiment_id}/runs/{run_id}"
+
+
+def fail_unfinished_runs(tracking_uri: str, run_ids: list[str], status: str = "FAILED") -> None:
+    """Mark any of these runs still RUNNING as FAILED/KILLED, so nothing is left RUNNING."""
+    client = MlflowClient(tracking_uri)
+    for run_id in run_ids:
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status)
+        except mlflow.exceptions.MlflowException:
+            pass

@@ -1,0 +1,51 @@
+"""Train one method (cached across flow runs); the trained model persists as a directory."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+
+from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, stable_key
+from .data import load_data
+
+
+def _progress(method: str, epochs: int):
+    logger = get_run_logger()
+    every = max(1, epochs // 10)  # ~10 lines per method, first and last epoch always shown
+
+    def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
+        if epoch == 0 or (epoch + 1) % every == 0 or epoch + 1 == epochs:
+            logger.info("%s epoch %d/%d  loss %.4f  accuracy %.4f", method, epoch + 1, epochs,
+                        logs["loss"], logs["accuracy"])
+
+    return on_epoch_end
+
+
+@task(name="train", task_run_name="train-{method}", cache_policy=CACHE_POLICY, persist_result=True)
+def train_model(method: str, model_config: dict, data_path: str, code_version: str = CODE_VERSION) -> dict:
+    """Fit `method` on the run's training set and save it. `model_config`: the method's relevant fields."""
+    import sngp_models  # TensorFlow is imported here, only when something must be trained
+
+    data = load_data(data_path)
+    model = sngp_models.make_model(method, **model_config)
+    started = time.perf_counter()
+    model.fit(data.x_train, data.y_train, on_epoch_end=_progress(method, model.config.epochs))
+    seconds = time.perf_counter() - started
+    path = artifact_path("models", f"{method}-{stable_key(method, model_config, data_path, code_version)}")
+    model.save(path)
+    get_run_logger().info("%s trained in %.1f s -> %s", method, seconds, path)
+    return {"method": method, "model_dir": str(path), "train_seconds": seconds, "history": model.history_}
+
+
+@task(name="mc-dropout-from-deterministic", cache_policy=CACHE_POLICY, persist_result=True)
+def mc_dropout_from_deterministic(deterministic: dict, model_config: dict, code_version: str = CODE_VERSION) -> dict:
+    """MC Dropout is the trained deterministic net called with dropout on (as in the study): no retraining."""
+    import sngp_models
+    from sngp_models.models import MCDropoutModel
+
+    base = sngp_models.load_model(deterministic["model_dir"])
+    model = MCDropoutModel.from_deterministic(base, sngp_models.ModelConfig(**model_config))
+    path = artifact_path("models", f"mc_dropout-{stable_key(deterministic['model_dir'], model_config, code_version)}")
+    model.save(path)
+    return {**deterministic, "method": "mc_dropout", "model_dir": str(path)}
