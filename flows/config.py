@@ -95,6 +95,21 @@ class MlflowConfig(Section):
     tracking_uri: str | None = None
 
 
+class RetrainConfig(Section):
+    """Scheduled retraining: fresh data, evaluation on a fixed held-out sample, champion/challenger."""
+
+    # None: a fresh random data seed every run (recorded on the run); an int pins it.
+    data_seed: int | None = Field(None, ge=0, lt=2**31)
+    holdout_seed: int = Field(20_261_126, ge=0, lt=2**31)
+    # A challenger becomes champion unless its held-out accuracy drops by more than accuracy_tolerance
+    # or its OOD AUROC drops by more than auroc_tolerance (both absolute).
+    accuracy_tolerance: float = Field(0.01, ge=0, le=1)
+    auroc_tolerance: float = Field(0.02, ge=0, le=1)
+    registry_prefix: str = Field(
+        "sngp-uncertainty", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$"
+    )
+
+
 class PipelineConfig(Section):
     seed: int = Field(0, ge=0, lt=2**31)
     methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
@@ -105,6 +120,7 @@ class PipelineConfig(Section):
     mc_dropout: MCDropoutConfig = MCDropoutConfig()
     deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @model_validator(mode="after")
     def _unique_methods(self) -> PipelineConfig:
@@ -115,13 +131,21 @@ class PipelineConfig(Section):
     def model_config_for(self, method: str) -> ModelConfig:
         """The library config for one method (the study's defaults where the pipeline has no field)."""
         return ModelConfig(
-            num_layers=self.model.num_layers, num_hidden=self.model.num_hidden,
-            dropout_rate=self.model.dropout_rate, epochs=self.training.epochs,
-            batch_size=self.training.batch_size, learning_rate=self.training.learning_rate,
-            seed=self.seed, spec_norm_bound=self.sngp.spec_norm_bound, num_inducing=self.sngp.num_inducing,
-            gp_cov_momentum=self.sngp.gp_cov_momentum, gp_cov_ridge_penalty=self.sngp.gp_cov_ridge_penalty,
-            gp_kernel_scale=self.sngp.gp_kernel_scale, mean_field_factor=self.sngp.mean_field_factor,
-            num_mc_samples=self.mc_dropout.num_samples, ensemble_size=self.deep_ensemble.ensemble_size,
+            num_layers=self.model.num_layers,
+            num_hidden=self.model.num_hidden,
+            dropout_rate=self.model.dropout_rate,
+            epochs=self.training.epochs,
+            batch_size=self.training.batch_size,
+            learning_rate=self.training.learning_rate,
+            seed=self.seed,
+            spec_norm_bound=self.sngp.spec_norm_bound,
+            num_inducing=self.sngp.num_inducing,
+            gp_cov_momentum=self.sngp.gp_cov_momentum,
+            gp_cov_ridge_penalty=self.sngp.gp_cov_ridge_penalty,
+            gp_kernel_scale=self.sngp.gp_kernel_scale,
+            mean_field_factor=self.sngp.mean_field_factor,
+            num_mc_samples=self.mc_dropout.num_samples,
+            ensemble_size=self.deep_ensemble.ensemble_size,
         )
 
     def flat(self) -> dict[str, Any]:
@@ -163,10 +187,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
         if loaded is None:
-            raise ConfigError(f"config file {str(path)!r} is empty; give at least one setting, e.g. 'seed: 0'")
+            raise ConfigError(
+                f"config file {str(path)!r} is empty; give at least one setting, e.g. 'seed: 0'"
+            )
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, "
-                              f"got a {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping of settings, got a {type(loaded).__name__}"
+            )
         raw = loaded
     for item in overrides or []:
         apply_override(raw, item)

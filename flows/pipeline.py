@@ -11,6 +11,7 @@ recorded completely.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -18,14 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from tasks import tracking
-from tasks.cache import CACHE_POLICY, CODE_VERSION, cache_root
-from tasks.data import generate_data
-from tasks.evaluate import evaluate_model
-from tasks.plot import plot_comparison, plot_method
-from tasks.train import mc_dropout_from_deterministic, train_model
-
-from .config import (
+from flows.config import (
     DataConfig,
     DeepEnsembleConfig,
     MCDropoutConfig,
@@ -36,15 +30,30 @@ from .config import (
     SNGPConfig,
     TrainingConfig,
 )
+from tasks import tracking
+from tasks.cache import CACHE_POLICY, CODE_VERSION, cache_root
+from tasks.data import generate_data
+from tasks.evaluate import evaluate_model
+from tasks.plot import plot_comparison, plot_method
+from tasks.train import mc_dropout_from_deterministic, train_model
 
-SUMMARY_METRICS = ("test_accuracy", "nll", "ece", "ood_mean_max_prob", "ood_auroc", "grid_mean_uncertainty",
-                   "train_seconds")
+SUMMARY_METRICS = (
+    "test_accuracy",
+    "nll",
+    "ece",
+    "ood_mean_max_prob",
+    "ood_auroc",
+    "grid_mean_uncertainty",
+    "train_seconds",
+)
 
 
-def _configured(task):
-    # Cache records live beside the artefacts they point to (cache_root()), resolved at run time, so
-    # deleting the cache folder invalidates both together.
-    return task.with_options(cache_policy=CACHE_POLICY.configure(key_storage=str(cache_root() / "prefect-keys")))
+def configured(task):
+    """The task with its cache keys stored beside the artefacts (cache_root(), resolved at run time),
+    so deleting the cache folder invalidates both together."""
+    return task.with_options(
+        cache_policy=CACHE_POLICY.configure(key_storage=str(cache_root() / "prefect-keys"))
+    )
 
 
 @flow(name="uncertainty-pipeline", log_prints=True)
@@ -59,29 +68,65 @@ def uncertainty_pipeline(
     deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig(),
     mlflow: MlflowConfig = MlflowConfig(),
 ) -> dict[str, Any]:
-    """SNGP vs. deterministic ResNet, MC Dropout and Deep Ensemble; parameters = conf/default.yaml's sections."""
-    raw = {"seed": seed, "data": data, "model": model, "training": training, "sngp": sngp,
-           "mc_dropout": mc_dropout, "deep_ensemble": deep_ensemble, "mlflow": mlflow}
+    """SNGP vs. deterministic ResNet, MC Dropout and Deep Ensemble (parameters: conf/default.yaml)."""
+    raw = {
+        "seed": seed,
+        "data": data,
+        "model": model,
+        "training": training,
+        "sngp": sngp,
+        "mc_dropout": mc_dropout,
+        "deep_ensemble": deep_ensemble,
+        "mlflow": mlflow,
+    }
     if methods is not None:
         raw["methods"] = methods
-    return run_pipeline(PipelineConfig.model_validate(raw))
+    config = PipelineConfig.model_validate(raw)
+    with parent_run(config, "pipeline") as (uri, experiment_id, parent_id, started_runs):
+        data_path = configured(generate_data)(config.data.model_dump(mode="json"), config.seed)
+        trained = submit_training(config, data_path)
+        evaluated, plotted = submit_evaluation(config, trained, data_path)
+        results, errors = {}, []
+        for method in config.methods:
+            outcome = record_method(config, method, trained, evaluated, plotted, experiment_id, started_runs)
+            if isinstance(outcome, BaseException):
+                errors.append(outcome)
+            else:
+                results[method] = outcome
+        summary = finish_parent(results, data_path, uri, experiment_id, parent_id)
+        if errors:
+            raise errors[0]
+        return summary
 
 
-def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+@contextmanager
+def parent_run(config: PipelineConfig, kind: str, extra_tags: dict[str, str] | None = None):
+    """Open the parent MLflow run; on any failure end every run this flow started as FAILED (KILLED on
+    interrupt), so nothing is left RUNNING."""
+    import mlflow as mlf
+
     logger = get_run_logger()
     uri = tracking.resolve_tracking_uri(config.mlflow.tracking_uri)
     experiment_id = tracking.setup(uri, config.mlflow.experiment)
-    import mlflow as mlf
-
-    tags = {"prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": str(flow_run.get_name()),
-            "git_commit": tracking.git_commit(), "code_version": CODE_VERSION, "pipeline": "uncertainty-pipeline"}
-    parent = mlf.start_run(experiment_id=experiment_id, run_name=f"pipeline-{flow_run.get_name() or 'local'}",
-                           tags=tags)
-    parent_id = parent.info.run_id
-    started_runs = [parent_id]
-    logger.info("MLflow parent run %s (%s)", parent_id, tracking.redact(uri))
+    tags = {
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "prefect.flow_run_name": str(flow_run.get_name()),
+        "git_commit": tracking.git_commit(),
+        "code_version": CODE_VERSION,
+        "pipeline": kind,
+        **(extra_tags or {}),
+    }
+    parent = mlf.start_run(
+        experiment_id=experiment_id, run_name=f"{kind}-{flow_run.get_name() or 'local'}", tags=tags
+    )
+    started_runs = [parent.info.run_id]
+    logger.info("MLflow parent run %s (%s)", parent.info.run_id, tracking.redact(uri))
     try:
-        summary = _run(config, uri, experiment_id, parent_id, started_runs)
+        tracking.log_params(config.flat())
+        tracking.log_text_artifact(
+            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml"
+        )
+        yield uri, experiment_id, parent.info.run_id, started_runs
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
         while mlf.active_run() is not None:
@@ -89,94 +134,128 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         tracking.fail_unfinished_runs(uri, started_runs, status)
         raise
     mlf.end_run("FINISHED")
-    return summary
 
 
-def _run(config: PipelineConfig, uri: str, experiment_id: str, parent_id: str, started_runs: list[str]):
+def relevant(config: PipelineConfig, method: str) -> dict[str, Any]:
+    """The library config fields that matter for `method` (its cache key and MLflow params)."""
+    return config.model_config_for(method).relevant(method)
+
+
+def submit_training(config: PipelineConfig, data_path: str) -> dict[str, Any]:
+    """Submit one training per method (concurrently); MC Dropout wraps the deterministic net."""
+    train = configured(train_model)
+    methods = config.methods
+    trained = {}
+    if "deterministic" in methods or "mc_dropout" in methods:
+        trained["deterministic"] = train.submit("deterministic", relevant(config, "deterministic"), data_path)
+    for method in ("sngp", "deep_ensemble"):
+        if method in methods:
+            trained[method] = train.submit(method, relevant(config, method), data_path)
+    if "mc_dropout" in methods:
+        trained["mc_dropout"] = configured(mc_dropout_from_deterministic).submit(
+            trained["deterministic"], relevant(config, "mc_dropout")
+        )
+    return trained
+
+
+def submit_evaluation(config: PipelineConfig, trained: dict[str, Any], data_path: str):
+    evaluate, plot = configured(evaluate_model), configured(plot_method)
+    evaluated = {m: evaluate.submit(m, trained[m], data_path) for m in config.methods}
+    plotted = {m: plot.submit(m, evaluated[m], data_path) for m in config.methods}
+    return evaluated, plotted
+
+
+def record_method(config, method, trained, evaluated, plotted, experiment_id, started_runs):
+    """One nested MLflow run for `method`, from its task results; returns a result dict or the error."""
     import mlflow as mlf
 
     logger = get_run_logger()
-    methods = list(config.methods)
-    tracking.log_params(config.flat())
-    tracking.log_text_artifact(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    child = mlf.start_run(experiment_id=experiment_id, run_name=method, nested=True, tags={"method": method})
+    started_runs.append(child.info.run_id)
+    try:
+        t0 = time.perf_counter()
+        train_result = trained[method].result()
+        evaluation = evaluated[method].result()
+        pngs = plotted[method].result()
+        cached = {
+            stage: futures[method].state.name == "Cached"
+            for stage, futures in (("train", trained), ("evaluate", evaluated), ("plot", plotted))
+        }
+        mlf.log_params({"method": method, **relevant(config, method)})
+        mlf.set_tags({f"cached.{stage}": str(hit).lower() for stage, hit in cached.items()})
+        tracking.log_curves(train_result["history"])
+        mlf.log_metrics(evaluation["metrics"])
+        for path in pngs.values():
+            mlf.log_artifact(path, "plots")
+        model_uri = tracking.log_model(train_result["model_dir"])
+        mlf.end_run("FINISHED")
+        logger.info(
+            "%s recorded in MLflow run %s (%.1f s; cached: %s)",
+            method,
+            child.info.run_id,
+            time.perf_counter() - t0,
+            ", ".join(k for k, v in cached.items() if v) or "none",
+        )
+        return {
+            "run_id": child.info.run_id,
+            "metrics": evaluation["metrics"],
+            "cached": cached,
+            "model_uri": model_uri,
+            "model_dir": train_result["model_dir"],
+            "predictions_path": evaluation["predictions_path"],
+            "plots": pngs,
+        }
+    except Exception as exc:  # record the failure, keep the other methods' records, fail the flow later
+        mlf.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlf.end_run("FAILED")
+        logger.error("%s failed: %s: %s", method, type(exc).__name__, exc)
+        return exc
 
-    data_path = _configured(generate_data)(config.data.model_dump(mode="json"), config.seed)
 
-    def relevant(method: str) -> dict[str, Any]:
-        return config.model_config_for(method).relevant(method)
+def finish_parent(results: dict, data_path: str, uri: str, experiment_id: str, parent_id: str) -> dict:
+    """Comparison figure on the parent run and the Prefect summary artifacts."""
+    import mlflow as mlf
 
-    train, evaluate, plot = _configured(train_model), _configured(evaluate_model), _configured(plot_method)
-    trained = {}
-    if "deterministic" in methods or "mc_dropout" in methods:
-        trained["deterministic"] = train.submit("deterministic", relevant("deterministic"), data_path)
-    for method in ("sngp", "deep_ensemble"):
-        if method in methods:
-            trained[method] = train.submit(method, relevant(method), data_path)
-    if "mc_dropout" in methods:
-        trained["mc_dropout"] = _configured(mc_dropout_from_deterministic).submit(
-            trained["deterministic"], relevant("mc_dropout"))
-    evaluated = {m: evaluate.submit(m, trained[m], data_path) for m in methods}
-    plotted = {m: plot.submit(m, evaluated[m], data_path) for m in methods}
-
-    results, errors = {}, []
-    for method in methods:
-        child = mlf.start_run(experiment_id=experiment_id, run_name=method, nested=True, tags={"method": method})
-        started_runs.append(child.info.run_id)
-        try:
-            t0 = time.perf_counter()
-            train_result = trained[method].result()
-            evaluation = evaluated[method].result()
-            pngs = plotted[method].result()
-            cached = {stage: futures[method].state.name == "Cached"
-                      for stage, futures in (("train", trained), ("evaluate", evaluated), ("plot", plotted))}
-            mlf.log_params({"method": method, **relevant(method)})
-            mlf.set_tags({f"cached.{stage}": str(hit).lower() for stage, hit in cached.items()})
-            tracking.log_curves(train_result["history"])
-            mlf.log_metrics(evaluation["metrics"])
-            for path in pngs.values():
-                mlf.log_artifact(path, "plots")
-            model_uri = tracking.log_model(train_result["model_dir"])
-            mlf.end_run("FINISHED")
-            results[method] = {"run_id": child.info.run_id, "metrics": evaluation["metrics"], "cached": cached,
-                               "model_uri": model_uri, "predictions_path": evaluation["predictions_path"],
-                               "plots": pngs}
-            logger.info("%s recorded in MLflow run %s (%.1f s; cached: %s)", method, child.info.run_id,
-                        time.perf_counter() - t0, ", ".join(k for k, v in cached.items() if v) or "none")
-        except Exception as exc:  # record the failure, keep the other methods' records, fail the flow
-            mlf.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-            mlf.end_run("FAILED")
-            logger.error("%s failed: %s: %s", method, type(exc).__name__, exc)
-            errors.append(exc)
-
+    comparison = None
     if results:
-        comparison = _configured(plot_comparison)({m: r["predictions_path"] for m, r in results.items()},
-                                                  data_path)
+        comparison = configured(plot_comparison)(
+            {m: r["predictions_path"] for m, r in results.items()}, data_path
+        )
         mlf.log_artifact(comparison, "plots")
-    else:
-        comparison = None
-    summary = {"parent_run_id": parent_id, "experiment_id": experiment_id, "tracking_uri": uri,
-               "methods": results, "comparison_png": comparison}
-    _publish_summary(summary)
-    if errors:
-        raise errors[0]
+    summary = {
+        "parent_run_id": parent_id,
+        "experiment_id": experiment_id,
+        "tracking_uri": uri,
+        "methods": results,
+        "comparison_png": comparison,
+    }
+    publish_summary(summary)
     return summary
 
 
-def _publish_summary(summary: dict[str, Any]) -> None:
+def publish_summary(summary: dict[str, Any]) -> None:
     """A Prefect table + markdown artifact: metrics per method with the MLflow run links."""
-    uri, exp = summary["tracking_uri"], summary["experiment_id"]
+    uri, exp = tracking.redact(summary["tracking_uri"]), summary["experiment_id"]
     rows = []
     for method, r in summary["methods"].items():
-        rows.append({"method": method, **{k: round(r["metrics"][k], 4) for k in SUMMARY_METRICS},
-                     "cached": ",".join(k for k, v in r["cached"].items() if v) or "-",
-                     "mlflow_run": r["run_id"]})
+        rows.append(
+            {
+                "method": method,
+                **{k: round(r["metrics"][k], 4) for k in SUMMARY_METRICS},
+                "cached": ",".join(k for k, v in r["cached"].items() if v) or "-",
+                "mlflow_run": r["run_id"],
+            }
+        )
     create_table_artifact(rows, key="uncertainty-metrics", description="Metrics per method (MLflow run ids)")
-    lines = [f"# Uncertainty pipeline\n\nParent MLflow run: `{summary['parent_run_id']}`  \n"
-             f"{tracking.run_link(tracking.redact(uri), exp, summary['parent_run_id'])}\n",
-             "| method | " + " | ".join(SUMMARY_METRICS) + " | MLflow run |",
-             "|---" * (len(SUMMARY_METRICS) + 2) + "|"]
+    lines = [
+        f"# Uncertainty pipeline\n\nParent MLflow run: `{summary['parent_run_id']}`  \n"
+        f"{tracking.run_link(uri, exp, summary['parent_run_id'])}\n",
+        "| method | " + " | ".join(SUMMARY_METRICS) + " | MLflow run |",
+        "|---" * (len(SUMMARY_METRICS) + 2) + "|",
+    ]
     for method, r in summary["methods"].items():
-        link = tracking.run_link(tracking.redact(uri), exp, r["run_id"])
         cells = " | ".join(f"{r['metrics'][k]:.4f}" for k in SUMMARY_METRICS)
-        lines.append(f"| {method} | {cells} | {link} |")
-    create_markdown_artifact("\n".join(lines), key="uncertainty-summary", description="Uncertainty pipeline summary")
+        lines.append(f"| {method} | {cells} | {tracking.run_link(uri, exp, r['run_id'])} |")
+    create_markdown_artifact(
+        "\n".join(lines), key="uncertainty-summary", description="Uncertainty pipeline summary"
+    )

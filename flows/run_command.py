@@ -9,32 +9,51 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import UserError
-from .config import ConfigError, PipelineConfig, load_config
+from flows.cli import UserError
+from flows.config import ConfigError, PipelineConfig, load_config
 
 HELP = "Run the uncertainty pipeline once (Prefect local mode unless PREFECT_API_URL is set)."
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="PATH", default=None,
-                        help=f"YAML config (default: the study's settings, {DEFAULT_CONFIG.name}); "
-                             "see conf/ for examples")
-    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                        help="override one setting, value parsed as YAML; repeatable, e.g. "
-                             "--set training.epochs=5 --set methods=[sngp]")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help=f"YAML config (default: the study's settings, {DEFAULT_CONFIG.name}); see conf/ for examples",
+    )
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one setting, value parsed as YAML; repeatable, e.g. "
+        "--set training.epochs=5 --set methods=[sngp]",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--tracking-uri", metavar="URI", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
-                             "in the working directory with artefacts in ./mlartifacts)")
-    parser.add_argument("--cache-dir", metavar="DIR", default=None,
-                        help="where cached data, models, predictions and plots live "
-                             "(default: $SNGP_CACHE_DIR, else ./.sngp_cache)")
-    parser.epilog = ("Results: one parent MLflow run with a nested run per method (params, curves, metrics, "
-                     "pyfunc model, plots/*.png). Rerunning the same config reuses cached tasks.")
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+        "in the working directory with artefacts in ./mlartifacts)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        default=None,
+        help="where cached data, models, predictions and plots live "
+        "(default: $SNGP_CACHE_DIR, else ./.sngp_cache)",
+    )
+    parser.epilog = (
+        "Results: one parent MLflow run with a nested run per method (params, curves, metrics, "
+        "pyfunc model, plots/*.png). Rerunning the same config reuses cached tasks."
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -47,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         raise UserError(str(exc)) from None
 
 
-def _terminate_on_sigterm() -> None:
+def terminate_on_sigterm() -> None:
     # SIGTERM becomes SystemExit in the main thread, so MLflow runs end as KILLED instead of RUNNING.
     def handler(signum, frame):
         raise SystemExit(128 + signum)
@@ -59,9 +78,9 @@ def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.cache_dir:
         os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
-    _terminate_on_sigterm()
+    terminate_on_sigterm()
     started = time.perf_counter()
-    from .pipeline import uncertainty_pipeline  # Prefect/MLflow import only after the config is valid
+    from flows.pipeline import uncertainty_pipeline  # Prefect/MLflow import only after the config is valid
 
     state = uncertainty_pipeline(**flow_kwargs(config), return_state=True)
     if state.is_failed() or state.is_crashed() or state.is_cancelled():
@@ -79,15 +98,25 @@ def flow_kwargs(config: PipelineConfig) -> dict:
 
 
 def print_summary(summary: dict, seconds: float) -> None:
-    from tasks.tracking import redact
     import mlflow
+
+    from tasks.tracking import redact
 
     uri = summary["tracking_uri"]
     client = mlflow.tracking.MlflowClient(uri)
     print()
-    print(f"Pipeline finished in {seconds:.1f} s. MLflow parent run: {summary['parent_run_id']} "
-          f"(experiment {summary['experiment_id']}, {redact(uri)})")
-    metrics = ("test_accuracy", "ood_mean_max_prob", "ood_auroc", "grid_mean_uncertainty", "ece", "train_seconds")
+    print(
+        f"Pipeline finished in {seconds:.1f} s. MLflow parent run: {summary['parent_run_id']} "
+        f"(experiment {summary['experiment_id']}, {redact(uri)})"
+    )
+    metrics = (
+        "test_accuracy",
+        "ood_mean_max_prob",
+        "ood_auroc",
+        "grid_mean_uncertainty",
+        "ece",
+        "train_seconds",
+    )
     header = f"{'method':<14}" + "".join(f"{m:>22}" for m in metrics) + "  cached"
     print(header)
     print("-" * len(header))
@@ -103,12 +132,16 @@ def print_summary(summary: dict, seconds: float) -> None:
         print(f"  {method:<15} {base}/plots/class_probability.png  {base}/plots/uncertainty.png")
     print()
     if uri.startswith(("http://", "https://")):
-        print(f"Open the MLflow UI: {uri.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/"
-              f"{summary['parent_run_id']}")
+        print(
+            f"Open the MLflow UI: {uri.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/"
+            f"{summary['parent_run_id']}"
+        )
     else:
         print("Open the MLflow UI:")
         print(f"  mlflow ui --backend-store-uri {redact(uri)} --port 5000")
-        print(f"  then http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['parent_run_id']}")
+        print(
+            f"  then http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['parent_run_id']}"
+        )
 
 
 def _local(artifact_uri: str) -> str:

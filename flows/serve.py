@@ -115,21 +115,31 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{hostpart}"))
 
 
-def _postgres_urls(url: str, option: str) -> tuple[str, str]:
-    """(psycopg2 URL for MLflow / libpq, asyncpg URL for Prefect) from a postgresql:// URL."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        raise UserError(f"{option} is not a valid URL") from None
-    if parts.scheme not in _POSTGRES_SCHEMES or not parts.hostname:
-        raise UserError(
-            f"{option} must be a PostgreSQL URL like postgresql://user:password@host:5432/dbname "
-            f"(got {redact_url(url)})"
-        )
-    if not parts.path.strip("/"):
-        raise UserError(f"{option} must name a database: postgresql://user:password@host:5432/dbname")
-    rest = url.split("://", 1)[1]
-    return f"postgresql://{rest}", f"postgresql+asyncpg://{rest}"
+@dataclass(frozen=True)
+class PostgresURLs:
+    """One PostgreSQL database as each client wants it (SQLAlchemy 2.1 defaults to psycopg 3, which
+    is not installed, so MLflow gets the psycopg2 driver named explicitly)."""
+
+    libpq: str  # postgresql://...           psycopg2.connect, psql
+    mlflow: str  # postgresql+psycopg2://... MLflow backend store
+    prefect: str  # postgresql+asyncpg://... Prefect server database
+
+    @classmethod
+    def parse(cls, url: str, option: str) -> PostgresURLs:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise UserError(f"{option} is not a valid URL: {redact_url(url)}") from None
+        if parts.scheme not in _POSTGRES_SCHEMES or not parts.hostname:
+            raise UserError(
+                f"{option} must be a PostgreSQL URL like postgresql://user:password@host:5432/dbname "
+                f"(got {redact_url(url)})"
+            )
+        if not parts.path.strip("/"):
+            raise UserError(f"{option} must name a database: postgresql://user:password@host:5432/dbname")
+        rest = url.split("://", 1)[1]
+        return cls(f"postgresql://{rest}", f"postgresql+psycopg2://{rest}", f"postgresql+asyncpg://{rest}")
 
 
 def _check_database(url: str, what: str) -> None:
@@ -458,19 +468,19 @@ class Services:
 
         mlflow_store = f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
         prefect_db = f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}"
-        if self.db_url:
-            mlflow_store, _ = _postgres_urls(self.db_url, "--db")
-        if self.prefect_db_url:
-            check_url, prefect_db = _postgres_urls(self.prefect_db_url, "--prefect-db")
-            if self.db_url and _same_database(mlflow_store, check_url):
-                raise UserError(
-                    "--db and --prefect-db must be different databases (MLflow and Prefect each keep "
-                    "their own schema migrations)"
-                )
-        if self.db_url:
-            _check_database(mlflow_store, "MLflow")
-        if self.prefect_db_url:
-            _check_database(check_url, "Prefect")
+        mlflow_pg = PostgresURLs.parse(self.db_url, "--db") if self.db_url else None
+        prefect_pg = PostgresURLs.parse(self.prefect_db_url, "--prefect-db") if self.prefect_db_url else None
+        if mlflow_pg and prefect_pg and _same_database(mlflow_pg.libpq, prefect_pg.libpq):
+            raise UserError(
+                "--db and --prefect-db must be different databases (MLflow and Prefect each keep "
+                "their own schema migrations)"
+            )
+        if mlflow_pg:
+            _check_database(mlflow_pg.libpq, "MLflow")
+            mlflow_store = mlflow_pg.mlflow
+        if prefect_pg:
+            _check_database(prefect_pg.libpq, "Prefect")
+            prefect_db = prefect_pg.prefect
 
         try:
             for path in (self.prefect_home, self.mlflow_dir / "artifacts", self.log_dir):

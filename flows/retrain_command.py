@@ -1,0 +1,48 @@
+"""`sngp retrain`: run the retraining flow once (the same flow the `nightly` deployment schedules)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from flows.run_command import add_config_arguments, config_from_args, flow_kwargs, terminate_on_sigterm
+
+HELP = "Retrain on fresh data and promote each method's model in the MLflow registry if it is as good."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    parser.epilog = (
+        "Settings of the champion/challenger rule live under 'retrain:' (accuracy_tolerance, "
+        "auroc_tolerance, holdout_seed, data_seed, registry_prefix)."
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    terminate_on_sigterm()
+    from flows.retrain import retrain
+
+    started = time.perf_counter()
+    state = retrain(**flow_kwargs(config), return_state=True)
+    if not state.is_completed():
+        try:
+            state.result()
+        except BaseException as exc:  # noqa: BLE001
+            print(f"sngp retrain: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    result = state.result()
+    print(
+        f"\nRetraining finished in {time.perf_counter() - started:.1f} s (data seed {result['data_seed']})."
+    )
+    for d in result["decisions"].values():
+        verdict = "PROMOTED to champion" if d["promoted"] else "rejected"
+        print(f"  {d['model']} v{d['version']}: {verdict} ({d['reason']})")
+    return 0
