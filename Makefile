@@ -34,3 +34,12 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts results .sngp_cache
+
+# Register the deployments of prefect.yaml against the server in PREFECT_API_URL.
+SNGP_WORK_POOL ?= sngp-pool
+SNGP_RETRAIN_CRON ?= 0 2 * * *
+deploy: $(STAMP)
+	@test -n "$$PREFECT_API_URL" || { echo "make deploy: set PREFECT_API_URL (sngp serve prints it)"; exit 2; }
+	$(BIN)/prefect work-pool create $(SNGP_WORK_POOL) --type process --overwrite >/dev/null
+	SNGP_PROJECT_DIR="$(CURDIR)" SNGP_RETRAIN_CRON="$(SNGP_RETRAIN_CRON)" PREFECT_CLI_PROMPT=false \
+		$(BIN)/prefect --no-prompt deploy --all
