@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._tf import tf
-from .config import ModelConfig, check_method
+from .config import RELEVANT_FIELDS, ModelConfig, check_method
 from .exact_gp import ExactGPModel
 from .interface import FORMAT_VERSION, Prediction, read_model_dir, write_model_dir  # noqa: F401 (re-exported)
 from .networks import ResNetMembers, SNGPResNet
@@ -101,7 +101,9 @@ class UncertaintyModel:
     # --- internals ------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if self.net is None:
-            raise NotFittedError(f"{self.method} model is not fitted yet: call fit(x, y) or load_model(path) first")
+            raise NotFittedError(
+                f"{self.method} model is not fitted yet: call fit(x, y) or load_model(path) first"
+            )
 
     def _compiled_predict(self):
         if self._predict_fn is None:
@@ -134,10 +136,24 @@ class MCDropoutModel(UncertaintyModel):
     method = "mc_dropout"
 
     @classmethod
-    def from_deterministic(cls, model: DeterministicModel, config: ModelConfig | None = None) -> MCDropoutModel:
-        """Reuse a trained deterministic net (the tutorial does exactly this) instead of training again."""
+    def from_deterministic(
+        cls, model: DeterministicModel, config: ModelConfig | None = None
+    ) -> MCDropoutModel:
+        """Reuse a trained deterministic net (the tutorial does exactly this) instead of training again.
+
+        `config` may change prediction settings (num_mc_samples, predict_batch_size) but not the fields
+        that define the trained net (dropout_rate, architecture, training, seed): the net keeps its own,
+        and save/load rebuilds it from `config`, so a mismatch would break the exact round trip.
+        """
         model._check_fitted()
-        new = cls(config or model.config)
+        config = config or model.config
+        for name in RELEVANT_FIELDS["deterministic"]:
+            if getattr(config, name) != getattr(model.config, name):
+                raise ValueError(
+                    f"{name}: must equal the deterministic model's {getattr(model.config, name)!r} "
+                    f"(it defines the trained net), got {getattr(config, name)!r}"
+                )
+        new = cls(config)
         new.input_dim, new.net, new.history_ = model.input_dim, model.net, dict(model.history_)
         return new
 
@@ -152,7 +168,8 @@ class MCDropoutModel(UncertaintyModel):
 
 
 class DeepEnsembleModel(UncertaintyModel):
-    """`ensemble_size` independently initialised DeepResNets trained as one batched graph; softmax averaged."""
+    """`ensemble_size` independently initialised DeepResNets, trained as one batched graph; softmax averaged.
+    """
 
     method = "deep_ensemble"
 
@@ -179,7 +196,9 @@ _CLASSES = {cls.method: cls for cls in (DeterministicModel, SNGPModel, MCDropout
                                        ExactGPModel)}
 
 
-def make_model(method: str, config: ModelConfig | None = None, **overrides: Any) -> UncertaintyModel | ExactGPModel:
+def make_model(
+    method: str, config: ModelConfig | None = None, **overrides: Any
+) -> UncertaintyModel | ExactGPModel:
     """A new, unfitted model; any ModelConfig field by name overrides the study's defaults."""
     check_method(method)
     base = config.to_dict() if config is not None else {}

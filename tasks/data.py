@@ -16,9 +16,15 @@ from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, stable_key, write_
 def generate_data(data: dict, seed: int, code_version: str = CODE_VERSION) -> str:
     """Two moons train set, fresh test sample, grid and OOD cluster from one seed -> .npz path."""
     d = make_dataset(
-        seed=seed, n_per_class=data["n_train_per_class"], noise=data["noise"],
-        n_test_per_class=data["n_test_per_class"], n_grid=data["grid_size"], x_range=tuple(data["x_range"]),
-        y_range=tuple(data["y_range"]), n_ood=data["n_ood"], ood_mean=tuple(data["ood_mean"]),
+        seed=seed,
+        n_per_class=data["n_train_per_class"],
+        noise=data["noise"],
+        n_test_per_class=data["n_test_per_class"],
+        n_grid=data["grid_size"],
+        x_range=tuple(data["x_range"]),
+        y_range=tuple(data["y_range"]),
+        n_ood=data["n_ood"],
+        ood_mean=tuple(data["ood_mean"]),
         ood_var=tuple(data["ood_var"]),
     )
     path = artifact_path("data", f"two_moons-{stable_key(data, seed, code_version)}.npz")

@@ -41,13 +41,26 @@ def evaluate_model(method: str, trained: dict, data_path: str, code_version: str
         "train_seconds": float(trained["train_seconds"]),
         "inference_seconds": inference_seconds,
     }
-    path = artifact_path("predictions", f"{method}-{stable_key(method, trained['model_dir'], data_path, code_version)}.npz")
+    path = artifact_path(
+        "predictions", f"{method}-{stable_key(method, trained['model_dir'], data_path, code_version)}.npz"
+    )
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(fh, grid_probs=grid.probs, grid_uncertainty=grid.uncertainty, test_probs=test.probs,
-                     test_uncertainty=test.uncertainty, ood_probs=ood.probs, ood_uncertainty=ood.uncertainty,
-                     train_uncertainty=train.uncertainty)
+            np.savez(
+                fh,
+                grid_probs=grid.probs,
+                grid_uncertainty=grid.uncertainty,
+                test_probs=test.probs,
+                test_uncertainty=test.uncertainty,
+                ood_probs=ood.probs,
+                ood_uncertainty=ood.uncertainty,
+                train_uncertainty=train.uncertainty,
+            )
 
     write_atomic(path, write)
-    return {"method": method, "metrics": {k: float(v) for k, v in values.items()}, "predictions_path": str(path)}
+    return {
+        "method": method,
+        "metrics": {k: float(v) for k, v in values.items()},
+        "predictions_path": str(path),
+    }

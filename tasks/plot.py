@@ -17,8 +17,14 @@ def _save(fig, path: Path) -> str:
 
 
 def _surface_kwargs(data) -> dict:
-    return {"grid_shape": data.grid_shape, "x_range": data.x_range, "y_range": data.y_range,
-            "x_train": data.x_train, "y_train": data.y_train, "x_ood": data.x_ood}
+    return {
+        "grid_shape": data.grid_shape,
+        "x_range": data.x_range,
+        "y_range": data.y_range,
+        "x_train": data.x_train,
+        "y_train": data.y_train,
+        "x_ood": data.x_ood,
+    }
 
 
 @task(name="plot", task_run_name="plot-{method}", cache_policy=CACHE_POLICY, persist_result=True)
@@ -32,9 +38,13 @@ def plot_method(method: str, evaluation: dict, data_path: str, code_version: str
         probs, unc = pred["grid_probs"][:, 0], pred["grid_uncertainty"]
     folder = stable_key(method, predictions_path, code_version)
     out = {}
-    for kind, values, name in (("probability", probs, "class_probability.png"),
-                               ("uncertainty", unc, "uncertainty.png")):
-        fig = plot_surface(values, kind=kind, model_name=DISPLAY_NAMES.get(method, method), **_surface_kwargs(data))
+    for kind, values, name in (
+        ("probability", probs, "class_probability.png"),
+        ("uncertainty", unc, "uncertainty.png"),
+    ):
+        fig = plot_surface(
+            values, kind=kind, model_name=DISPLAY_NAMES.get(method, method), **_surface_kwargs(data)
+        )
         out[name] = _save(fig, artifact_path(f"plots/{method}-{folder}", name))
     return out
 

@@ -44,7 +44,8 @@ def to_features(model_input, input_dim: int) -> np.ndarray:
             frame = frame[names]
         if frame.shape[1] != input_dim:
             raise ModelInputError(
-                f"input has {frame.shape[1]} column(s); the model expects {input_dim}: {', '.join(names)}")
+                f"input has {frame.shape[1]} column(s); the model expects {input_dim}: {', '.join(names)}"
+            )
         bad = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
         if bad:
             raise ModelInputError(f"column(s) {bad} are not numeric; every feature must be a number")
@@ -53,7 +54,9 @@ def to_features(model_input, input_dim: int) -> np.ndarray:
         try:
             values = np.asarray(model_input, dtype=np.float64)
         except (TypeError, ValueError):
-            raise ModelInputError("input must be numeric: a DataFrame or an (N, D) array of numbers") from None
+            raise ModelInputError(
+                "input must be numeric: a DataFrame or an (N, D) array of numbers"
+            ) from None
         if values.ndim != 2 or values.shape[1] != input_dim:
             raise ModelInputError(f"input must have shape (N, {input_dim}), got {values.shape}")
     if values.shape[0] == 0:
@@ -61,7 +64,9 @@ def to_features(model_input, input_dim: int) -> np.ndarray:
     finite = np.isfinite(values)
     if not finite.all():
         rows = np.flatnonzero(~finite.all(axis=1))
-        raise ModelInputError(f"input has NaN or infinite values in {len(rows)} row(s), first at row {rows[0]}")
+        raise ModelInputError(
+            f"input has NaN or infinite values in {len(rows)} row(s), first at row {rows[0]}"
+        )
     return values.astype(np.float32)
 
 

@@ -28,8 +28,14 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Explicit requirements: letting MLflow infer them re-imports the model in a subprocess on every log.
-_PIP_REQUIREMENTS = ["tensorflow==2.20.0", "tf-keras==2.20.1", "tf-models-official==2.20.0",
-                     "numpy", "pandas", "scikit-learn"]
+_PIP_REQUIREMENTS = [
+    "tensorflow==2.20.0",
+    "tf-keras==2.20.1",
+    "tf-models-official==2.20.0",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+]
 
 
 def redact(text: str) -> str:
@@ -67,8 +73,9 @@ def setup(tracking_uri: str, experiment: str) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PROJECT_ROOT, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=_PROJECT_ROOT, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -84,10 +91,11 @@ def log_curves(history: dict[str, list[float]]) -> None:
     from mlflow.entities import Metric
 
     ts = 0
-    batch = [Metric(name, float(v), ts, step) for name, values in history.items()
-             for step, v in enumerate(values)]
+    batch = [
+        Metric(name, float(v), ts, step) for name, values in history.items() for step, v in enumerate(values)
+    ]
     for start in range(0, len(batch), 1000):  # log_batch accepts at most 1000 metrics per call
-        client.log_batch(run_id, metrics=batch[start:start + 1000])
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
 
 
 def log_model(model_dir: str) -> str:

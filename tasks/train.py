@@ -16,8 +16,14 @@ def _progress(method: str, epochs: int):
 
     def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
         if epoch == 0 or (epoch + 1) % every == 0 or epoch + 1 == epochs:
-            logger.info("%s epoch %d/%d  loss %.4f  accuracy %.4f", method, epoch + 1, epochs,
-                        logs["loss"], logs["accuracy"])
+            logger.info(
+                "%s epoch %d/%d  loss %.4f  accuracy %.4f",
+                method,
+                epoch + 1,
+                epochs,
+                logs["loss"],
+                logs["accuracy"],
+            )
 
     return on_epoch_end
 
@@ -39,13 +45,17 @@ def train_model(method: str, model_config: dict, data_path: str, code_version: s
 
 
 @task(name="mc-dropout-from-deterministic", cache_policy=CACHE_POLICY, persist_result=True)
-def mc_dropout_from_deterministic(deterministic: dict, model_config: dict, code_version: str = CODE_VERSION) -> dict:
+def mc_dropout_from_deterministic(
+    deterministic: dict, model_config: dict, code_version: str = CODE_VERSION
+) -> dict:
     """MC Dropout is the trained deterministic net called with dropout on (as in the study): no retraining."""
     import sngp_models
     from sngp_models.models import MCDropoutModel
 
     base = sngp_models.load_model(deterministic["model_dir"])
     model = MCDropoutModel.from_deterministic(base, sngp_models.ModelConfig(**model_config))
-    path = artifact_path("models", f"mc_dropout-{stable_key(deterministic['model_dir'], model_config, code_version)}")
+    path = artifact_path(
+        "models", f"mc_dropout-{stable_key(deterministic['model_dir'], model_config, code_version)}"
+    )
     model.save(path)
     return {**deterministic, "method": "mc_dropout", "model_dir": str(path)}

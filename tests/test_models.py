@@ -165,6 +165,27 @@ def test_mc_dropout_averages_num_mc_samples_passes(fitted, moons) -> None:
     np.testing.assert_allclose(estimates[1].mean(axis=1), estimates[16].mean(axis=1), atol=0.01)
 
 
+@pytest.mark.parametrize(("field", "value"), [("dropout_rate", 0.5), ("num_hidden", 16), ("seed", 3)])
+def test_from_deterministic_rejects_config_that_contradicts_the_net(fitted, field, value) -> None:
+    """The reused net keeps its own dropout rate/architecture while save/load rebuilds it from the new
+    config; a mismatch used to be accepted and then broke the round trip (dropout 0.5 vs 0.1: 0.1 apart)."""
+    from sngp_models.models import MCDropoutModel
+
+    det, _ = fitted["deterministic"]
+    with _raises_naming(field):
+        MCDropoutModel.from_deterministic(det, dataclasses.replace(det.config, **{field: value}))
+
+
+def test_from_deterministic_round_trips_through_save(fitted, x_eval, tmp_path) -> None:
+    from sngp_models.models import MCDropoutModel
+
+    det, _ = fitted["deterministic"]
+    mc = MCDropoutModel.from_deterministic(det, dataclasses.replace(det.config, num_mc_samples=4))
+    loaded = sngp_models.load_model(mc.save(tmp_path / "mc"))
+    assert loaded.method == "mc_dropout" and loaded.config.num_mc_samples == 4
+    np.testing.assert_allclose(loaded.predict_proba(x_eval), mc.predict_proba(x_eval), atol=1e-6, rtol=0)
+
+
 def test_mc_dropout_predictions_reproducible_across_instances(fitted, x_eval) -> None:
     from sngp_models.models import MCDropoutModel
 
