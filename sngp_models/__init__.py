@@ -19,7 +19,7 @@ from .config import METHODS, ModelConfig  # noqa: E402
 
 __all__ = ["METHODS", "ModelConfig", "make_model", "load_model", "Prediction"]
 
-_LAZY = {"make_model": "models", "load_model": "models", "Prediction": "models"}
+_LAZY = {"make_model": "models", "load_model": "models", "Prediction": "interface"}
 
 
 def __getattr__(name: str):

@@ -31,7 +31,9 @@ def _positive_int(name: str, value: int) -> int:
     return int(value)
 
 
-def make_two_moons(n_per_class: int = 500, noise: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_two_moons(
+    n_per_class: int = 500, noise: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Two moons with `2 * n_per_class` points, class 0 shifted by (-0.1, +0.2), class 1 by (+0.1, -0.2).
 
     Used for the training set and, with another seed, for the fresh in-distribution test sample.
@@ -98,14 +100,21 @@ def make_dataset(
     ood_var: tuple[float, float] = OOD_VAR,
 ) -> TwoMoonsData:
     """Train set, fresh test sample, grid and OOD cluster; independent streams derived from one seed."""
-    train_seed, test_seed, ood_seed = (int(s.generate_state(1)[0] % (2**31 - 1))
-                                       for s in np.random.SeedSequence(_seed(seed)).spawn(3))
+    train_seed, test_seed, ood_seed = (
+        int(s.generate_state(1)[0] % (2**31 - 1)) for s in np.random.SeedSequence(_seed(seed)).spawn(3)
+    )
     x_train, y_train = make_two_moons(n_per_class, noise, train_seed)
     x_test, y_test = make_two_moons(n_test_per_class, noise, test_seed)
     return TwoMoonsData(
-        x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-        x_grid=make_grid(x_range, y_range, n_grid), x_ood=make_ood(n_ood, ood_mean, ood_var, ood_seed),
-        grid_shape=(int(n_grid), int(n_grid)), x_range=tuple(x_range), y_range=tuple(y_range),
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        x_grid=make_grid(x_range, y_range, n_grid),
+        x_ood=make_ood(n_ood, ood_mean, ood_var, ood_seed),
+        grid_shape=(int(n_grid), int(n_grid)),
+        x_range=tuple(x_range),
+        y_range=tuple(y_range),
     )
 
 

@@ -73,8 +73,8 @@ def make_digits_dataset(
     """Digits of `known_classes` split into train/test (stratified by `seed`); the other digits are OOD."""
     seed = _seed(seed)
     known = check_known_classes(known_classes)
-    if (isinstance(test_fraction, (bool, np.bool_)) or not isinstance(test_fraction, (int, float, np.floating))
-            or not 0.0 < float(test_fraction) < 1.0):
+    is_number = isinstance(test_fraction, (int, float, np.floating)) and not isinstance(test_fraction, bool)
+    if not is_number or not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction: must be a number in (0, 1), got {test_fraction!r}")
     digits = sklearn.datasets.load_digits()
     x_all = digits.data.astype(np.float64)

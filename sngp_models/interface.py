@@ -35,7 +35,9 @@ def uncertainty_from_probs(probs: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 - np.sum(np.square(probs), axis=-1))
 
 
-def write_model_dir(path: str | os.PathLike, meta: dict[str, Any], write_payload: Callable[[Path], None]) -> Path:
+def write_model_dir(
+    path: str | os.PathLike, meta: dict[str, Any], write_payload: Callable[[Path], None]
+) -> Path:
     """Write `write_payload(dir)`'s files + model.json (`meta` with format_version) + manifest atomically.
 
     The directory appears at `path` only once complete; an existing model there is replaced.

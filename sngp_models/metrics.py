@@ -7,6 +7,7 @@ All functions take plain numpy arrays:
 * ``y_true``: integer class labels, shape ``(N,)``, values in ``[0, C)``.
 * ``unc_in`` / ``unc_ood``: 1-D uncertainty scores of in-distribution and OOD
   examples; a higher score means "more likely OOD".
+* ``x_query`` / ``x_train``: feature matrices of shape ``(N, D)`` / ``(M, D)`` (distance awareness).
 
 Every input is validated and a :class:`ValueError` naming the offending
 argument is raised on bad input.
@@ -14,23 +15,33 @@ argument is raised on bad input.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.neighbors import NearestNeighbors
 
 __all__ = [
+    "ReliabilityCurve",
     "accuracy",
     "brier",
     "classification_metrics",
+    "distance_to_nearest",
+    "distance_uncertainty_spearman",
     "ece",
     "nll",
     "ood_aupr",
     "ood_auroc",
     "ood_fpr95",
     "ood_metrics",
+    "reliability_curve",
     "uncertainty_score",
 ]
 
 _ROW_SUM_TOL = 1e-3
+_DISTANCE_BATCH = 10_000
+_KD_TREE_MAX_DIM = 15
 
 
 # --------------------------------------------------------------------------- validation
@@ -101,6 +112,27 @@ def _check_scores(scores: np.ndarray, name: str) -> np.ndarray:
     if not np.all(np.isfinite(s)):
         raise ValueError(f"{name} must be finite (no NaN or inf)")
     return s
+
+
+def _check_n_bins(n_bins: int) -> int:
+    if isinstance(n_bins, (bool, np.bool_)) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    return int(n_bins)
+
+
+def _check_features(x: np.ndarray, name: str) -> np.ndarray:
+    """Return a finite, non-empty 2-D float64 ``(N, D)`` array or raise ``ValueError``."""
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a numeric array of shape (N, D); got {type(x).__name__}") from exc
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D with shape (N, D); got ndim={a.ndim} (shape {a.shape})")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one row and one column; got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    return a
 
 
 def _ood_labels_scores(unc_in: np.ndarray, unc_ood: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,24 +216,52 @@ def ece(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
     :math:`\mathrm{conf}_b` the mean of :math:`\hat c_i` over the examples in bin ``b``.
     Empty bins are skipped.
     """
-    if isinstance(n_bins, (bool, np.bool_)) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    curve = reliability_curve(y_true, probs, n_bins)
+    n = int(curve.count.sum())
+    total = 0.0
+    for conf_b, acc_b, n_b in zip(curve.confidence, curve.accuracy, curve.count):
+        if n_b == 0:
+            continue
+        total += (int(n_b) / n) * abs(float(acc_b) - float(conf_b))
+    return float(total)
+
+
+class ReliabilityCurve(NamedTuple):
+    """Per-bin statistics of :func:`reliability_curve`; arrays of length ``n_bins``."""
+
+    confidence: np.ndarray  # mean max-probability of the examples in the bin (NaN if empty)
+    accuracy: np.ndarray  # fraction of them predicted correctly (NaN if empty)
+    count: np.ndarray  # number of examples in the bin (int64)
+
+
+def reliability_curve(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> ReliabilityCurve:
+    r"""Per-bin mean confidence, accuracy and count, with exactly the bins of :func:`ece`.
+
+    Bins are ``[0, 1/M], ((b-1)/M, b/M]`` (``M = n_bins``). Empty bins have count 0 and NaN
+    confidence and accuracy. With :math:`N = \sum_b n_b`,
+    :math:`\mathrm{ECE} = \sum_{b:\,n_b > 0} \frac{n_b}{N} |\mathrm{acc}_b - \mathrm{conf}_b|`.
+
+    Returns:
+        :class:`ReliabilityCurve` ``(confidence, accuracy, count)``, a named tuple of three arrays.
+    """
+    n_bins = _check_n_bins(n_bins)
     y, p = _check_inputs(y_true, probs)
     conf = np.max(p, axis=1)
     correct = (np.argmax(p, axis=1) == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
     # side="left" on the inner edges: conf == edge goes to the lower bin -> bins are (lo, hi],
     # conf == 0 goes to bin 0 and conf == 1 to the last bin.
     bin_idx = np.searchsorted(edges[1:-1], conf, side="left")
-    n = conf.size
-    total = 0.0
-    for b in range(int(n_bins)):
+    confidence = np.full(n_bins, np.nan)
+    acc = np.full(n_bins, np.nan)
+    count = np.zeros(n_bins, dtype=np.int64)
+    for b in range(n_bins):
         mask = bin_idx == b
-        n_b = int(mask.sum())
-        if n_b == 0:
-            continue
-        total += (n_b / n) * abs(float(correct[mask].mean()) - float(conf[mask].mean()))
-    return float(total)
+        count[b] = int(mask.sum())
+        if count[b]:
+            confidence[b] = float(conf[mask].mean())
+            acc[b] = float(correct[mask].mean())
+    return ReliabilityCurve(confidence=confidence, accuracy=acc, count=count)
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -258,3 +318,64 @@ def ood_metrics(unc_in: np.ndarray, unc_ood: np.ndarray) -> dict[str, float]:
         "ood_aupr": ood_aupr(s_in, s_ood),
         "ood_fpr95": ood_fpr95(s_in, s_ood),
     }
+
+
+# --------------------------------------------------------------------------- distance awareness
+
+
+def distance_to_nearest(
+    x_query: np.ndarray, x_train: np.ndarray, batch_size: int = _DISTANCE_BATCH
+) -> np.ndarray:
+    r"""Euclidean distance from every query point to its nearest training point.
+
+    :math:`d_i = \min_j \lVert x^{q}_i - x^{tr}_j \rVert_2`, computed with a scikit-learn tree
+    index (KD-tree for ``D <= 15``, ball tree above) queried in batches of ``batch_size`` rows, so
+    memory is O(N + M) and no N x M distance matrix is built. Trees compute each distance directly,
+    so a query equal to a training point gets exactly 0 (the brute-force ``|a|^2 - 2ab + |b|^2``
+    expansion can leave ~1e-7 there).
+
+    Args:
+        x_query: ``(N, D)`` points to measure.
+        x_train: ``(M, D)`` training points.
+        batch_size: query rows per batch (positive integer).
+
+    Returns:
+        Array of shape ``(N,)`` (float64, >= 0).
+    """
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    q = _check_features(x_query, "x_query")
+    t = _check_features(x_train, "x_train")
+    if q.shape[1] != t.shape[1]:
+        raise ValueError(
+            f"x_query must have the same number of features as x_train ({t.shape[1]}); got {q.shape[1]}"
+        )
+    algorithm = "kd_tree" if t.shape[1] <= _KD_TREE_MAX_DIM else "ball_tree"
+    index = NearestNeighbors(n_neighbors=1, algorithm=algorithm).fit(t)
+    out = np.empty(q.shape[0], dtype=np.float64)
+    for start in range(0, q.shape[0], int(batch_size)):
+        dist, _ = index.kneighbors(q[start:start + int(batch_size)], return_distance=True)
+        out[start:start + int(batch_size)] = dist[:, 0]
+    return out
+
+
+def distance_uncertainty_spearman(uncertainty: np.ndarray, distances: np.ndarray) -> float:
+    r"""Spearman rank correlation between uncertainty and distance to the training data.
+
+    +1 = uncertainty rises monotonically with distance (perfectly distance aware), 0 = unrelated,
+    -1 = more certain further away. NaN-safe: if either input is constant (the rank correlation is
+    undefined, e.g. a model that always predicts the same probabilities) the result is 0.0.
+
+    Args:
+        uncertainty: per-example uncertainty scores ``(N,)``.
+        distances: per-example distances ``(N,)``, e.g. from :func:`distance_to_nearest`.
+    """
+    u = _check_scores(uncertainty, "uncertainty")
+    d = _check_scores(distances, "distances")
+    if u.size != d.size:
+        raise ValueError(f"distances must have the same length as uncertainty ({u.size}); got {d.size}")
+    if u.size < 2 or np.all(u == u[0]) or np.all(d == d[0]):
+        return 0.0
+    rho = float(spearmanr(u, d).statistic)
+    return rho if np.isfinite(rho) else 0.0

@@ -73,8 +73,9 @@ class ResNetMembers(tf.Module):
         self.kernels = [
             tf.Variable(stack([i[1][k] for i in inits]), name=f"kernel_{k}") for k in range(config.num_layers)
         ]
-        self.biases = [tf.Variable(tf.zeros((num_members, hidden)), name=f"bias_{k}")
-                       for k in range(config.num_layers)]
+        self.biases = [
+            tf.Variable(tf.zeros((num_members, hidden)), name=f"bias_{k}") for k in range(config.num_layers)
+        ]
         self.w_out = tf.Variable(stack([i[2] for i in inits]), name="w_out")
         self.b_out = tf.Variable(tf.zeros((num_members, classes)), name="b_out")
 
@@ -155,7 +156,9 @@ class SNGPResNet(tf_keras.Model):
     def all_weights(self) -> list[tf.Variable]:
         return [w for w in self.weights if w is not self.feature_covariance]
 
-    def hidden_features(self, x: tf.Tensor, training: bool, dropout_seed: tf.Tensor | None = None) -> tf.Tensor:
+    def hidden_features(
+        self, x: tf.Tensor, training: bool, dropout_seed: tf.Tensor | None = None
+    ) -> tf.Tensor:
         h = self.input_layer(x)
         for k, layer in enumerate(self.dense_layers):
             # training must be explicit: tf-models' SpectralNormalization runs power iteration (and

@@ -1,4 +1,6 @@
-"""Decision-surface plots reproducing the figure of the TensorFlow SNGP tutorial.
+"""Decision-surface plots reproducing the figure of the TensorFlow SNGP tutorial, plus evaluation plots
+that also work for inputs without a 2-D grid (reliability diagram, uncertainty histograms, uncertainty
+against distance to the training data).
 
 Only :class:`matplotlib.figure.Figure` objects are created (no ``pyplot`` global state), so the
 functions are thread-safe and work headless. Save a figure with ``fig.savefig(path)``.
@@ -14,7 +16,17 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-__all__ = ["DISPLAY_NAMES", "TRAIN_COLORS", "plot_comparison", "plot_method"]
+from . import metrics
+
+__all__ = [
+    "DISPLAY_NAMES",
+    "TRAIN_COLORS",
+    "plot_comparison",
+    "plot_distance_curve",
+    "plot_method",
+    "plot_reliability",
+    "plot_uncertainty_histogram",
+]
 
 TRAIN_COLORS = ("#377eb8", "#ff7f00")
 DISPLAY_NAMES = {
@@ -22,11 +34,14 @@ DISPLAY_NAMES = {
     "sngp": "SNGP",
     "mc_dropout": "MC Dropout",
     "deep_ensemble": "Deep Ensemble",
+    "exact_gp": "Exact GP",
 }
 
 _TRAIN_CMAP = ListedColormap(list(TRAIN_COLORS))
 _PANEL_WIDTH = 14.0
 _ROW_HEIGHT = 5.0
+_SMALL_FIGSIZE = (6.0, 5.0)
+_IN_COLOR, _OOD_COLOR = TRAIN_COLORS[0], "red"
 
 
 # --------------------------------------------------------------------------- validation
@@ -259,4 +274,153 @@ def plot_surface(
     image = _draw_surface(ax, grid, normalize=kind == "uncertainty", **kwargs)
     fig.colorbar(image, ax=ax)
     ax.set_title(f"{titles[kind]}, {model_name}")
+    return fig
+
+
+# --------------------------------------------------------------------------- evaluation plots
+
+
+def _display_name(name: object) -> str:
+    return DISPLAY_NAMES.get(str(name), str(name))
+
+
+def _check_bins(n_bins: int) -> int:
+    if isinstance(n_bins, (bool, np.bool_)) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    return int(n_bins)
+
+
+def _check_values(values: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array; got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    return arr
+
+
+def plot_reliability(y_true: np.ndarray, probs: np.ndarray, model_name: str, n_bins: int = 15) -> Figure:
+    """Reliability diagram: per confidence bin, the accuracy as a bar, against the diagonal.
+
+    The bins and the ECE in the title are those of :func:`sngp_models.metrics.reliability_curve` and
+    :func:`sngp_models.metrics.ece`. One bar per non-empty bin (height = accuracy, spanning the bin),
+    and the line ``accuracy = confidence`` (perfect calibration).
+
+    Args:
+        y_true: integer labels ``(N,)``.
+        probs: class probabilities ``(N, C)``.
+        model_name: method key or display name (keys are mapped through :data:`DISPLAY_NAMES`).
+        n_bins: number of equal-width confidence bins over [0, 1].
+
+    Returns:
+        A 6x5 inch figure with one axes: ``n_nonempty_bins`` bars and one line (the diagonal).
+    """
+    n_bins = _check_bins(n_bins)
+    curve = metrics.reliability_curve(y_true, probs, n_bins)
+    ece = metrics.ece(y_true, probs, n_bins)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    filled = curve.count > 0
+    fig = Figure(figsize=_SMALL_FIGSIZE)
+    ax = fig.subplots()
+    ax.bar(edges[:-1][filled], curve.accuracy[filled], width=1.0 / n_bins, align="edge",
+           color=_IN_COLOR, edgecolor="black", alpha=0.8, label="Accuracy")
+    ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="Perfect calibration")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("Confidence (max probability)")
+    ax.set_ylabel("Accuracy")
+    ax.set_title(f"Reliability, {_display_name(model_name)} (ECE = {ece:.3f})")
+    ax.legend(loc="upper left")
+    return fig
+
+
+def plot_uncertainty_histogram(
+    unc_in: np.ndarray, unc_ood: np.ndarray, model_name: str, n_bins: int = 30
+) -> Figure:
+    """Histograms of the uncertainty on in-distribution vs OOD examples, on shared bins over [0, max].
+
+    Each histogram is normalised to fractions of its own set (the sets may differ in size), so the
+    bars of one set sum to 1. Negative values (float round-off of a zero uncertainty) count in the
+    first bin.
+
+    Args:
+        unc_in: uncertainty scores of in-distribution examples ``(N,)``.
+        unc_ood: uncertainty scores of OOD examples ``(M,)``.
+        model_name: method key or display name.
+        n_bins: number of equal-width bins over ``[0, max(unc_in, unc_ood)]``.
+
+    Returns:
+        A 6x5 inch figure with one axes holding two bar containers (in-distribution, OOD).
+    """
+    n_bins = _check_bins(n_bins)
+    u_in = np.maximum(_check_values(unc_in, "unc_in"), 0.0)
+    u_ood = np.maximum(_check_values(unc_ood, "unc_ood"), 0.0)
+    top = float(max(u_in.max(), u_ood.max()))
+    edges = np.linspace(0.0, top if top > 0 else 1.0, n_bins + 1)
+    fig = Figure(figsize=_SMALL_FIGSIZE)
+    ax = fig.subplots()
+    for values, color, label in ((u_in, _IN_COLOR, "In-distribution"), (u_ood, _OOD_COLOR, "OOD")):
+        ax.hist(values, bins=edges, weights=np.full(values.size, 1.0 / values.size), color=color,
+                alpha=0.5, label=f"{label} (n={values.size})")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("Uncertainty (1 - sum p^2) / 2")
+    ax.set_ylabel("Fraction of examples")
+    ax.set_title(f"Uncertainty, {_display_name(model_name)}: in-distribution vs OOD")
+    ax.legend()
+    return fig
+
+
+def plot_distance_curve(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], n_bins: int = 20) -> Figure:
+    """Mean uncertainty against the distance to the nearest training point, one line per method.
+
+    Distances are binned into ``n_bins`` equal-width bins over ``[0, max distance]`` shared by all
+    methods; each line joins the (mean distance, mean uncertainty) of its non-empty bins. The legend
+    shows each method's Spearman correlation (:func:`sngp_models.metrics.distance_uncertainty_spearman`).
+
+    Args:
+        curves: ``{method_key: (distances, uncertainty)}``, two 1-D arrays of equal length per method
+            (e.g. distances from :func:`sngp_models.metrics.distance_to_nearest`); lines follow the
+            dict order, labels use :data:`DISPLAY_NAMES`. One entry for a method's own plot, all for
+            the comparison.
+        n_bins: number of distance bins.
+
+    Returns:
+        A 6x5 inch figure with one axes and ``len(curves)`` lines.
+    """
+    n_bins = _check_bins(n_bins)
+    if not isinstance(curves, Mapping) or len(curves) == 0:
+        raise ValueError("curves must be a non-empty mapping {method: (distances, uncertainty)}")
+    checked = []
+    for key, pair in curves.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"curves[{key!r}] must be a pair (distances, uncertainty)")
+        dist = _check_values(pair[0], f"curves[{key!r}] distances")
+        unc = _check_values(pair[1], f"curves[{key!r}] uncertainty")
+        if dist.size != unc.size:
+            raise ValueError(f"curves[{key!r}]: distances and uncertainty must have the same length; "
+                             f"got {dist.size} and {unc.size}")
+        if np.any(dist < 0):
+            raise ValueError(f"curves[{key!r}] distances must be >= 0")
+        checked.append((key, dist, unc))
+    top = max(float(dist.max()) for _, dist, _ in checked)
+    edges = np.linspace(0.0, top if top > 0 else 1.0, n_bins + 1)
+    fig = Figure(figsize=_SMALL_FIGSIZE)
+    ax = fig.subplots()
+    for key, dist, unc in checked:
+        idx = np.clip(np.searchsorted(edges[1:-1], dist, side="left"), 0, n_bins - 1)
+        count = np.bincount(idx, minlength=n_bins)
+        filled = count > 0
+        mean_dist = np.bincount(idx, weights=dist, minlength=n_bins)[filled] / count[filled]
+        mean_unc = np.bincount(idx, weights=unc, minlength=n_bins)[filled] / count[filled]
+        rho = metrics.distance_uncertainty_spearman(unc, dist)
+        ax.plot(mean_dist, mean_unc, marker="o", label=f"{_display_name(key)} (Spearman {rho:+.2f})")
+    ax.set_xlim(left=0.0)
+    ax.set_ylim(bottom=0.0)
+    ax.set_xlabel("Distance to nearest training point")
+    ax.set_ylabel("Mean uncertainty (1 - sum p^2) / 2")
+    title = "Uncertainty vs. distance to training data"
+    if len(checked) == 1:
+        title += f", {_display_name(checked[0][0])}"
+    ax.set_title(title)
+    ax.legend()
     return fig

@@ -13,7 +13,9 @@ def check_features(x, name: str = "x", input_dim: int | None = None) -> np.ndarr
     try:
         arr = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: must be a numeric array of shape (N, D), could not convert: {exc}") from None
+        raise ValueError(
+            f"{name}: must be a numeric array of shape (N, D), could not convert: {exc}"
+        ) from None
     if arr.ndim != 2:
         raise ValueError(f"{name}: must be 2-D with shape (N, D), got shape {arr.shape}")
     if arr.shape[0] == 0:
@@ -26,7 +28,9 @@ def check_features(x, name: str = "x", input_dim: int | None = None) -> np.ndarr
         raise ValueError(f"{name}: has 0 features per row; at least one is required")
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
-        raise ValueError(f"{name}: contains NaN or infinite values in {bad} row(s); all values must be finite")
+        raise ValueError(
+            f"{name}: contains NaN or infinite values in {bad} row(s); all values must be finite"
+        )
     return arr
 
 
@@ -40,7 +44,9 @@ def check_labels(y, n_rows: int, num_classes: int, name: str = "y") -> np.ndarra
         if not np.isfinite(arr).all() or not np.all(arr == np.round(arr)):
             raise ValueError(f"{name}: must hold integer class labels in [0, {num_classes - 1}]")
     elif arr.dtype.kind not in "iub":
-        raise ValueError(f"{name}: must hold integer class labels in [0, {num_classes - 1}], got dtype {arr.dtype}")
+        raise ValueError(
+            f"{name}: must hold integer class labels in [0, {num_classes - 1}], got dtype {arr.dtype}"
+        )
     arr = arr.astype(np.int64)
     if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
         raise ValueError(
