@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sngp",
         description="Uncertainty-aware deep learning with SNGP: Prefect pipelines recorded in MLflow.",
+        epilog="Example: sngp run --config conf/smoke.yaml --set training.epochs=5  "
+        "('sngp COMMAND --help' lists a command's options).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -14,9 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sngp_models.config import METHODS, ModelConfig
+from sngp_models.config import ALL_METHODS, METHODS, ModelConfig
+from sngp_models.digits import check_known_classes
 
-Method = Literal["deterministic", "sngp", "mc_dropout", "deep_ensemble"]
+Method = Literal["deterministic", "sngp", "mc_dropout", "deep_ensemble", "exact_gp"]
+Dataset = Literal["two_moons", "digits"]
 
 
 class Section(BaseModel):
@@ -49,6 +51,24 @@ class DataConfig(Section):
         if not all(x > 0 for x in v):
             raise ValueError("variances must be > 0")
         return v
+
+
+class DigitsConfig(Section):
+    """scikit-learn's bundled 8x8 digits: train on `known_classes`, the other digits are the OOD set."""
+
+    known_classes: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=2, max_length=9)
+    test_fraction: float = Field(0.3, gt=0, lt=1)
+
+    @field_validator("known_classes")
+    @classmethod
+    def _digits(cls, v: list[int]) -> list[int]:
+        return list(check_known_classes(v))
+
+
+class ExactGPConfig(Section):
+    """The optional gold-standard reference: scikit-learn's exact GP classifier (RBF kernel)."""
+
+    gp_max_train: int = Field(1000, ge=2, le=5000)
 
 
 class ModelSection(Section):
@@ -112,13 +132,16 @@ class RetrainConfig(Section):
 
 class PipelineConfig(Section):
     seed: int = Field(0, ge=0, lt=2**31)
+    dataset: Dataset = "two_moons"
     methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
     data: DataConfig = DataConfig()
+    digits: DigitsConfig = DigitsConfig()
     model: ModelSection = ModelSection()
     training: TrainingConfig = TrainingConfig()
     sngp: SNGPConfig = SNGPConfig()
     mc_dropout: MCDropoutConfig = MCDropoutConfig()
     deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig()
+    exact_gp: ExactGPConfig = ExactGPConfig()
     mlflow: MlflowConfig = MlflowConfig()
     retrain: RetrainConfig = RetrainConfig()
 
@@ -131,6 +154,8 @@ class PipelineConfig(Section):
     def model_config_for(self, method: str) -> ModelConfig:
         """The library config for one method (the study's defaults where the pipeline has no field)."""
         return ModelConfig(
+            num_classes=self.num_classes,
+            gp_max_train=self.exact_gp.gp_max_train,
             num_layers=self.model.num_layers,
             num_hidden=self.model.num_hidden,
             dropout_rate=self.model.dropout_rate,
@@ -147,6 +172,10 @@ class PipelineConfig(Section):
             num_mc_samples=self.mc_dropout.num_samples,
             ensemble_size=self.deep_ensemble.ensemble_size,
         )
+
+    @property
+    def num_classes(self) -> int:
+        return 2 if self.dataset == "two_moons" else len(self.digits.known_classes)
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params."""
@@ -251,7 +280,7 @@ def describe_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
             continue
         msg = err["msg"]
         if err["type"] == "literal_error":
-            msg = f"unknown value; allowed: {', '.join(METHODS)}" if loc[:1] == ("methods",) else msg
+            msg = f"unknown value; allowed: {', '.join(ALL_METHODS)}" if loc[:1] == ("methods",) else msg
         given = err.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
         lines.append(f"{key}: {msg}{shown}")

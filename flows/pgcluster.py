@@ -1,6 +1,6 @@
 """Throwaway PostgreSQL clusters for tests and local try-outs of the Postgres-backed servers.
 
-A cluster is made with the distribution's own `initdb`/`pg_ctl` (Debian: /usr/lib/postgresql/<ver>/bin)
+A cluster is made with the distribution's own `initdb` and `postgres` (Debian: /usr/lib/postgresql/<ver>/bin)
 in a fresh temporary directory, listening only on 127.0.0.1 at a free port, with password
 (scram-sha-256) authentication for one superuser. PostgreSQL refuses to run as root, so when this
 process is root the server runs as an unprivileged OS user (`postgres` if it exists, else `nobody`;
@@ -19,6 +19,7 @@ Nothing here is needed in production: there the database is a managed server or 
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import pwd
@@ -39,11 +40,11 @@ SUPERUSER = "sngp"
 
 
 class PostgresUnavailable(RuntimeError):
-    """No PostgreSQL server binaries (initdb, pg_ctl) are installed on this machine."""
+    """No PostgreSQL server binaries (initdb, postgres) are installed on this machine."""
 
 
 def find_bindir() -> Path:
-    """Directory holding initdb/pg_ctl: $SNGP_PG_BINDIR, the newest /usr/lib/postgresql/*/bin, or PATH."""
+    """Directory holding initdb/postgres: $SNGP_PG_BINDIR, the newest /usr/lib/postgresql/*/bin, or PATH."""
     candidates = []
     if os.environ.get("SNGP_PG_BINDIR"):
         candidates.append(Path(os.environ["SNGP_PG_BINDIR"]))
@@ -56,10 +57,10 @@ def find_bindir() -> Path:
     if on_path:
         candidates.append(Path(on_path).parent)
     for bindir in candidates:
-        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
+        if (bindir / "initdb").exists() and (bindir / "postgres").exists():
             return bindir
     raise PostgresUnavailable(
-        "no PostgreSQL server binaries found (initdb/pg_ctl in /usr/lib/postgresql/*/bin or on PATH); "
+        "no PostgreSQL server binaries found (initdb/postgres in /usr/lib/postgresql/*/bin or on PATH); "
         "install them with `apt-get install postgresql`"
     )
 
@@ -86,6 +87,24 @@ def _os_user() -> pwd.struct_passwd | None:
     )
 
 
+def _die_with_parent(sig: int):
+    """preexec_fn: deliver `sig` to the child when this process dies (Linux PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
 class PgCluster:
     """One temporary PostgreSQL cluster; `start()` it, `create_database(name)`, `stop()` removes it."""
 
@@ -97,6 +116,7 @@ class PgCluster:
         self.bindir: Path | None = None
         self.root: Path | None = None
         self._user = None
+        self._server: subprocess.Popen | None = None
 
     @property
     def datadir(self) -> Path:
@@ -135,6 +155,14 @@ class PgCluster:
             )
         return result
 
+    def _env(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "HOME": str(self.root),
+        }
+
     def _log_tail(self, lines: int = 20) -> str:
         try:
             text = self.logfile.read_text(errors="replace").splitlines()[-lines:]
@@ -163,36 +191,83 @@ class PgCluster:
             "--no-instructions",
         )  # fmt: skip
         pwfile.unlink()
-        last_error: Exception | None = None
+        last_error = ""
         for _attempt in range(3):  # the free port can be taken between choosing and binding
             port = self.port or free_port(self.host)
-            settings = {
-                "listen_addresses": f"'{self.host}'",
-                "port": str(port),
-                "unix_socket_directories": f"'{self.root}'",
-                "fsync": "off",  # a throwaway cluster: speed over durability
-                "max_connections": "100",
-            }
-            with open(self.datadir / "postgresql.auto.conf", "a") as conf:
-                conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
-            try:
-                self._run(
-                    str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
-                    "-w", "-t", "60", "start",
-                )  # fmt: skip
-            except RuntimeError as exc:
-                last_error = exc
-                if self.port:
-                    break
-                continue
-            self.port = port
-            return self
+            self._server = self._launch_postgres(port)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self._server.poll() is None:
+                if self._accepting(port):
+                    self.port = port
+                    return self
+                time.sleep(0.1)
+            last_error = self._log_tail()
+            self._shutdown_server()
+            if self.port:
+                break
         self.stop()
-        raise RuntimeError(f"could not start PostgreSQL: {last_error}")
+        raise RuntimeError(f"could not start PostgreSQL{last_error}")
+
+    def _launch_postgres(self, port: int) -> subprocess.Popen:
+        """`postgres -D data` as our child (not daemonised by pg_ctl), so it cannot outlive us: Linux
+        sends it SIGQUIT (immediate shutdown) if this process dies without stopping it."""
+        settings = {
+            "listen_addresses": self.host,
+            "port": str(port),
+            "unix_socket_directories": str(self.root),
+            "fsync": "off",  # a throwaway cluster: speed over durability
+            "full_page_writes": "off",
+        }
+        argv = [str(self.bindir / "postgres"), "-D", str(self.datadir)]
+        for key, value in settings.items():
+            argv += ["-c", f"{key}={value}"]
+        kwargs: dict = {}
+        if self._user is not None:
+            kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
+        with open(self.logfile, "ab") as log:
+            return subprocess.Popen(
+                argv,
+                cwd=self.root,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(signal.SIGQUIT),  # noqa: PLW1509 - only calls prctl
+                **kwargs,
+            )
+
+    def _accepting(self, port: int) -> bool:
+        try:
+            with socket.create_connection((self.host, port), timeout=0.5):
+                pass
+        except OSError:
+            return False
+        import psycopg2
+
+        try:
+            psycopg2.connect(self._url_for(port, "postgres"), connect_timeout=2).close()
+            return True
+        except psycopg2.OperationalError:  # still starting up ("the database system is starting up")
+            return False
+
+    def _shutdown_server(self) -> None:
+        server, self._server = self._server, None
+        if server is None or server.poll() is not None:
+            return
+        server.send_signal(signal.SIGINT)  # "fast" shutdown: disconnect clients, checkpoint, exit
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
     def url(self, database: str = "postgres") -> str:
         """SQLAlchemy/libpq URL (with the password) for `database`."""
-        return f"postgresql://{self.superuser}:{self.password}@{self.host}:{self.port}/{database}"
+        return self._url_for(self.port, database)
+
+    def _url_for(self, port: int | None, database: str) -> str:
+        return f"postgresql://{self.superuser}:{self.password}@{self.host}:{port}/{database}"
 
     def create_database(self, name: str) -> str:
         """Create database `name` (if missing) and return its URL."""
@@ -213,20 +288,9 @@ class PgCluster:
         """Stop the server (fast mode: disconnects clients) and delete the cluster directory."""
         if self.root is None:
             return
-        if self.bindir is not None and (self.datadir / "postmaster.pid").exists():
-            try:
-                self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
-            except (RuntimeError, subprocess.TimeoutExpired):
-                self._run_kill()
+        self._shutdown_server()
         shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
-
-    def _run_kill(self) -> None:
-        try:
-            pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            pass
 
     def __enter__(self) -> Self:
         return self.start()

@@ -39,6 +39,7 @@ from tasks.train import mc_dropout_from_deterministic, train_model
 
 SUMMARY_METRICS = (
     "test_accuracy",
+    "distance_uncertainty_spearman",
     "nll",
     "ece",
     "ood_mean_max_prob",
@@ -83,7 +84,7 @@ def uncertainty_pipeline(
         raw["methods"] = methods
     config = PipelineConfig.model_validate(raw)
     with parent_run(config, "pipeline") as (uri, experiment_id, parent_id, started_runs):
-        data_path = configured(generate_data)(config.data.model_dump(mode="json"), config.seed)
+        data_path = generate(config, config.seed)
         trained = submit_training(config, data_path)
         evaluated, plotted = submit_evaluation(config, trained, data_path)
         results, errors = {}, []
@@ -136,20 +137,27 @@ def parent_run(config: PipelineConfig, kind: str, extra_tags: dict[str, str] | N
     mlf.end_run("FINISHED")
 
 
+def generate(config: PipelineConfig, seed: int) -> str:
+    """The data file for `seed` (cached): two moons or digits, as the config says."""
+    return configured(generate_data)(
+        config.data.model_dump(mode="json"), seed, config.dataset, config.digits.model_dump(mode="json")
+    )
+
+
 def relevant(config: PipelineConfig, method: str) -> dict[str, Any]:
     """The library config fields that matter for `method` (its cache key and MLflow params)."""
     return config.model_config_for(method).relevant(method)
 
 
 def submit_training(config: PipelineConfig, data_path: str) -> dict[str, Any]:
-    """Submit one training per method (concurrently); MC Dropout wraps the deterministic net."""
+    """Submit one training per method (they run concurrently); MC Dropout wraps the deterministic net."""
     train = configured(train_model)
     methods = config.methods
     trained = {}
-    if "deterministic" in methods or "mc_dropout" in methods:
+    if "mc_dropout" in methods and "deterministic" not in methods:
         trained["deterministic"] = train.submit("deterministic", relevant(config, "deterministic"), data_path)
-    for method in ("sngp", "deep_ensemble"):
-        if method in methods:
+    for method in methods:
+        if method != "mc_dropout":
             trained[method] = train.submit(method, relevant(config, method), data_path)
     if "mc_dropout" in methods:
         trained["mc_dropout"] = configured(mc_dropout_from_deterministic).submit(
@@ -213,24 +221,37 @@ def record_method(config, method, trained, evaluated, plotted, experiment_id, st
 
 
 def finish_parent(results: dict, data_path: str, uri: str, experiment_id: str, parent_id: str) -> dict:
-    """Comparison figure on the parent run and the Prefect summary artifacts."""
+    """Comparison figures and the methods x metrics table on the parent run; Prefect artifacts."""
     import mlflow as mlf
 
-    comparison = None
+    figures = {}
     if results:
-        comparison = configured(plot_comparison)(
+        figures = configured(plot_comparison)(
             {m: r["predictions_path"] for m, r in results.items()}, data_path
         )
-        mlf.log_artifact(comparison, "plots")
+        for path in figures.values():
+            mlf.log_artifact(path, "plots")
+        tracking.log_text_artifact(comparison_csv(results), "comparison.csv")
     summary = {
         "parent_run_id": parent_id,
         "experiment_id": experiment_id,
         "tracking_uri": uri,
         "methods": results,
-        "comparison_png": comparison,
+        "parent_plots": figures,
     }
     publish_summary(summary)
     return summary
+
+
+def comparison_csv(results: dict[str, dict]) -> str:
+    """Methods x metrics, one row per method (metrics missing for a data set are left empty)."""
+    names = sorted({k for r in results.values() for k in r["metrics"]})
+    lines = ["method," + ",".join(names)]
+    for method, r in results.items():
+        lines.append(
+            method + "," + ",".join(f"{r['metrics'][k]:.6g}" if k in r["metrics"] else "" for k in names)
+        )
+    return "\n".join(lines) + "\n"
 
 
 def publish_summary(summary: dict[str, Any]) -> None:
@@ -241,7 +262,7 @@ def publish_summary(summary: dict[str, Any]) -> None:
         rows.append(
             {
                 "method": method,
-                **{k: round(r["metrics"][k], 4) for k in SUMMARY_METRICS},
+                **{k: round(r["metrics"][k], 4) for k in SUMMARY_METRICS if k in r["metrics"]},
                 "cached": ",".join(k for k, v in r["cached"].items() if v) or "-",
                 "mlflow_run": r["run_id"],
             }
@@ -254,7 +275,7 @@ def publish_summary(summary: dict[str, Any]) -> None:
         "|---" * (len(SUMMARY_METRICS) + 2) + "|",
     ]
     for method, r in summary["methods"].items():
-        cells = " | ".join(f"{r['metrics'][k]:.4f}" for k in SUMMARY_METRICS)
+        cells = " | ".join(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in SUMMARY_METRICS)
         lines.append(f"| {method} | {cells} | {tracking.run_link(uri, exp, r['run_id'])} |")
     create_markdown_artifact(
         "\n".join(lines), key="uncertainty-summary", description="Uncertainty pipeline summary"

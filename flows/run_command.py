@@ -6,8 +6,8 @@ import argparse
 import inspect
 import os
 import signal
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,27 +141,16 @@ def print_summary(summary: dict, seconds: float) -> None:
         f"Pipeline finished in {seconds:.1f} s. MLflow parent run: {summary['parent_run_id']} "
         f"(experiment {summary['experiment_id']}, {redact(uri)})"
     )
-    metrics = (
-        "test_accuracy",
-        "ood_mean_max_prob",
-        "ood_auroc",
-        "grid_mean_uncertainty",
-        "ece",
-        "train_seconds",
-    )
-    header = f"{'method':<14}" + "".join(f"{m:>22}" for m in metrics) + "  cached"
-    print(header)
-    print("-" * len(header))
-    for method, r in summary["methods"].items():
-        cached = ",".join(k for k, v in r["cached"].items() if v) or "-"
-        print(f"{method:<14}" + "".join(f"{r['metrics'][m]:>22.4f}" for m in metrics) + f"  {cached}")
+    print(metric_table(summary["methods"]))
     print()
     print("Plots:")
-    parent_artifacts = client.get_run(summary["parent_run_id"]).info.artifact_uri
-    print(f"  comparison      {_local(parent_artifacts)}/plots/comparison.png")
+    parent_artifacts = _local(client.get_run(summary["parent_run_id"]).info.artifact_uri)
+    for name in summary.get("parent_plots", {}):
+        print(f"  {'all methods':<15} {parent_artifacts}/plots/{name}")
+    print(f"  {'table (CSV)':<15} {parent_artifacts}/comparison.csv")
     for method, r in summary["methods"].items():
         base = _local(client.get_run(r["run_id"]).info.artifact_uri)
-        print(f"  {method:<15} {base}/plots/class_probability.png  {base}/plots/uncertainty.png")
+        print(f"  {method:<15} {base}/plots/  " + " ".join(sorted(r["plots"])))
     print()
     if uri.startswith(("http://", "https://")):
         print(
@@ -170,10 +159,36 @@ def print_summary(summary: dict, seconds: float) -> None:
         )
     else:
         print("Open the MLflow UI:")
-        print(f"  mlflow ui --backend-store-uri {redact(uri)} --port 5000")
+        print(f"  .venv/bin/mlflow ui --backend-store-uri {redact(uri)} --port 5000")
         print(
-            f"  then http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['parent_run_id']}"
+            f"  then http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/"
+            f"{summary['parent_run_id']}?workflowType=machine_learning"
         )
+
+
+TABLE_METRICS = {
+    "test_accuracy": "test_acc",
+    "nll": "nll",
+    "ece": "ece",
+    "ood_mean_max_prob": "ood_maxp",
+    "ood_auroc": "ood_auroc",
+    "grid_mean_uncertainty": "grid_unc",
+    "distance_uncertainty_spearman": "dist_rho",
+    "train_seconds": "train_s",
+}
+
+
+def metric_table(methods: dict[str, dict]) -> str:
+    """Methods x metrics as aligned text (the same numbers as comparison.csv on the parent run)."""
+    header = f"{'method':<14}" + "".join(f"{short:>10}" for short in TABLE_METRICS.values()) + "  cached"
+    lines = [header, "-" * len(header)]
+    for method, r in methods.items():
+        cells = "".join(
+            f"{r['metrics'][m]:>10.4f}" if m in r["metrics"] else f"{'-':>10}" for m in TABLE_METRICS
+        )
+        cached = ",".join(k for k, v in r["cached"].items() if v) or "-"
+        lines.append(f"{method:<14}{cells}  {cached}")
+    return "\n".join(lines)
 
 
 def _local(artifact_uri: str) -> str:

@@ -8,7 +8,7 @@ Started as child processes, in this order, each waited for until healthy:
                                                      backend store sqlite:///DIR/mlflow/mlflow.db (or --db)
     prefect work-pool create POOL --type process --overwrite
     prefect worker start --pool POOL --name sngp-serve-worker
-                                                     PREFECT_API_URL / MLFLOW_TRACKING_URI point at the servers
+                                                     with PREFECT_API_URL and MLFLOW_TRACKING_URI set
 
 Logs go to DIR/logs/*.log; restarting on the same DIR keeps every run, deployment and work pool.
 Ctrl-C / SIGTERM stops the worker first (it tends to ignore the first signal, so TERM, TERM, KILL),
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import fcntl
 import http.client
 import json
@@ -182,7 +183,7 @@ def check_port_free(host: str, port: int, option: str) -> None:
         try:
             sock.bind(sockaddr)
         except OSError as exc:
-            if exc.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
+            if exc.errno == errno.EADDRINUSE:
                 raise UserError(f"port {port} is already in use (choose another with {option})") from None
             raise UserError(
                 f"cannot listen on {host}:{port} ({exc.strerror}); check --host and {option}"
@@ -515,7 +516,9 @@ class Services:
             **self._base_env(),
             "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
             "PREFECT_API_URL": self.prefect_api_url,
-            "PREFECT_UI_API_URL": self.prefect_api_url,  # else the UI calls the default port 4200
+            # What the browser calls: else the UI would use the default port 4200. Behind --host 0.0.0.0,
+            # set PREFECT_UI_API_URL=http://<this machine>:PORT/api yourself for remote browsers.
+            "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or self.prefect_api_url,
             "PREFECT_SERVER_API_HOST": self.host,
             "PREFECT_SERVER_API_PORT": str(self.prefect_port),
         }
@@ -603,8 +606,8 @@ class Services:
                 elif not pool.alive:
                     if pool.proc.returncode != 0:
                         raise ServiceError(
-                            f"creating work pool {self.work_pool!r} failed (exit code {pool.proc.returncode}); "
-                            + pool.tail()
+                            f"creating work pool {self.work_pool!r} failed "
+                            f"(exit code {pool.proc.returncode}); {pool.tail()}"
                         )
                     pending.remove("pool")
                     self._log(
@@ -643,7 +646,10 @@ class Services:
             message = f"creating work pool {self.work_pool!r} did not finish within {self.timeout:.0f} s"
             child = child or self._children["prefect"]
         else:
-            message = f"the Prefect worker did not come online in pool {self.work_pool!r} within {self.timeout:.0f} s"
+            message = (
+                f"the Prefect worker did not come online in pool {self.work_pool!r} "
+                f"within {self.timeout:.0f} s"
+            )
         return ServiceError(f"{message}; {child.tail() if child else ''}")
 
     def worker_status(self) -> dict | None:
@@ -733,8 +739,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default: ${PREFECT_DB_URL_ENV}, else SQLite in DIR/prefect)",
     )  # fmt: skip
     parser.add_argument(
-        "--host", default=DEFAULT_HOST, help="address both servers bind (default: %(default)s)"
-    )
+        "--host", default=DEFAULT_HOST,
+        help="address both servers bind (default: %(default)s); with 0.0.0.0 also set PREFECT_UI_API_URL "
+        "to http://<this machine>:PORT/api so remote browsers reach the Prefect API",
+    )  # fmt: skip
     parser.add_argument(
         "--work-pool", default=DEFAULT_WORK_POOL, metavar="NAME", help="process work pool to create"
     )
@@ -779,7 +787,8 @@ def main(args: argparse.Namespace) -> int:
             if failed:
                 child = failed[0]
                 print(
-                    f"sngp serve: error: {child.name} stopped unexpectedly (exit code {child.proc.returncode}); "
+                    f"sngp serve: error: {child.name} stopped unexpectedly "
+                    f"(exit code {child.proc.returncode}); "
                     f"{child.tail()}\nsngp serve: stopping the other services",
                     file=sys.stderr,
                     flush=True,

@@ -1,4 +1,5 @@
-"""The study's figures as PNG files: per-method surfaces and the all-methods comparison (cached)."""
+"""The figures as PNG files: per-method surfaces, reliability, uncertainty histogram and distance
+curve, and for the parent run the all-methods comparison and distance curves (cached)."""
 
 from __future__ import annotations
 
@@ -29,36 +30,56 @@ def _surface_kwargs(data) -> dict:
 
 @task(name="plot", task_run_name="plot-{method}", cache_policy=CACHE_POLICY, persist_result=True)
 def plot_method(method: str, evaluation: dict, data_path: str, code_version: str = CODE_VERSION) -> dict:
-    """`class_probability.png` and `uncertainty.png` for one method -> {file name: path}."""
-    from sngp_models.plots import DISPLAY_NAMES, plot_surface
+    """One method's PNGs -> {file name: path}. Surfaces and the distance curve need the 2-D grid."""
+    from sngp_models import plots
 
     data = load_data(data_path)
     predictions_path = evaluation["predictions_path"]
-    with np.load(predictions_path) as pred:
-        probs, unc = pred["grid_probs"][:, 0], pred["grid_uncertainty"]
-    folder = stable_key(method, predictions_path, code_version)
-    out = {}
-    for kind, values, name in (
-        ("probability", probs, "class_probability.png"),
-        ("uncertainty", unc, "uncertainty.png"),
-    ):
-        fig = plot_surface(
-            values, kind=kind, model_name=DISPLAY_NAMES.get(method, method), **_surface_kwargs(data)
+    with np.load(predictions_path) as f:
+        pred = {k: f[k] for k in f.files}
+    folder = f"plots/{method}-{stable_key(method, predictions_path, code_version)}"
+    name = plots.DISPLAY_NAMES.get(method, method)
+    figures = {
+        "reliability.png": plots.plot_reliability(data.y_test, pred["test_probs"], method),
+        "uncertainty_histogram.png": plots.plot_uncertainty_histogram(
+            pred["test_uncertainty"], pred["ood_uncertainty"], method
+        ),
+    }
+    if "grid_probs" in pred:
+        for kind, values, file_name in (
+            ("probability", pred["grid_probs"][:, 0], "class_probability.png"),
+            ("uncertainty", pred["grid_uncertainty"], "uncertainty.png"),
+        ):
+            figures[file_name] = plots.plot_surface(
+                values, kind=kind, model_name=name, **_surface_kwargs(data)
+            )
+        figures["distance_curve.png"] = plots.plot_distance_curve(
+            {method: (pred["grid_distance"], pred["grid_uncertainty"])}
         )
-        out[name] = _save(fig, artifact_path(f"plots/{method}-{folder}", name))
-    return out
+    return {file_name: _save(fig, artifact_path(folder, file_name)) for file_name, fig in figures.items()}
 
 
 @task(name="plot-comparison", cache_policy=CACHE_POLICY, persist_result=True)
-def plot_comparison(predictions: dict[str, str], data_path: str, code_version: str = CODE_VERSION) -> str:
-    """All methods side by side (one row each) -> comparison.png path."""
-    from sngp_models.plots import plot_comparison as comparison_figure
+def plot_comparison(predictions: dict[str, str], data_path: str, code_version: str = CODE_VERSION) -> dict:
+    """All methods side by side (one row each) and their distance curves -> {file name: path}.
+
+    Empty for data sets without a 2-D grid."""
+    from sngp_models import plots
 
     data = load_data(data_path)
-    surfaces = {}
+    if data.x_grid is None:
+        return {}
+    surfaces, curves = {}, {}
     for method, path in predictions.items():
         with np.load(path) as pred:
             surfaces[method] = (pred["grid_probs"][:, 0], pred["grid_uncertainty"])
-    fig = comparison_figure(surfaces, **_surface_kwargs(data))
-    key = stable_key(predictions, code_version)
-    return _save(fig, artifact_path(f"plots/comparison-{key}", "comparison.png"))
+            curves[method] = (pred["grid_distance"], pred["grid_uncertainty"])
+    folder = f"plots/comparison-{stable_key(predictions, code_version)}"
+    return {
+        "comparison.png": _save(
+            plots.plot_comparison(surfaces, **_surface_kwargs(data)), artifact_path(folder, "comparison.png")
+        ),
+        "distance_curve.png": _save(
+            plots.plot_distance_curve(curves), artifact_path(folder, "distance_curve.png")
+        ),
+    }
