@@ -43,3 +43,8 @@ deploy: $(STAMP)
 	$(BIN)/prefect work-pool create $(SNGP_WORK_POOL) --type process --overwrite >/dev/null
 	SNGP_PROJECT_DIR="$(CURDIR)" SNGP_RETRAIN_CRON="$(SNGP_RETRAIN_CRON)" PREFECT_CLI_PROMPT=false \
 		$(BIN)/prefect --no-prompt deploy --all
+
+# Prefect server + MLflow server + a process worker on $(DATA_DIR); Ctrl-C stops them, data is kept.
+DATA_DIR ?= .sngp_server
+serve: $(STAMP)
+	$(BIN)/sngp serve --data-dir $(DATA_DIR)
