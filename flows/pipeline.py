@@ -21,7 +21,10 @@ from prefect.runtime import flow_run
 
 from flows.config import (
     DataConfig,
+    Dataset,
     DeepEnsembleConfig,
+    DigitsConfig,
+    ExactGPConfig,
     MCDropoutConfig,
     Method,
     MlflowConfig,
@@ -61,23 +64,29 @@ def configured(task):
 def uncertainty_pipeline(
     seed: int = 0,
     methods: list[Method] | None = None,
+    dataset: Dataset = "two_moons",
     data: DataConfig = DataConfig(),
+    digits: DigitsConfig = DigitsConfig(),
     model: ModelSection = ModelSection(),
     training: TrainingConfig = TrainingConfig(),
     sngp: SNGPConfig = SNGPConfig(),
     mc_dropout: MCDropoutConfig = MCDropoutConfig(),
     deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig(),
+    exact_gp: ExactGPConfig = ExactGPConfig(),
     mlflow: MlflowConfig = MlflowConfig(),
 ) -> dict[str, Any]:
     """SNGP vs. deterministic ResNet, MC Dropout and Deep Ensemble (parameters: conf/default.yaml)."""
     raw = {
         "seed": seed,
+        "dataset": dataset,
         "data": data,
+        "digits": digits,
         "model": model,
         "training": training,
         "sngp": sngp,
         "mc_dropout": mc_dropout,
         "deep_ensemble": deep_ensemble,
+        "exact_gp": exact_gp,
         "mlflow": mlflow,
     }
     if methods is not None:

@@ -18,7 +18,10 @@ from prefect.artifacts import create_table_artifact
 
 from flows.config import (
     DataConfig,
+    Dataset,
     DeepEnsembleConfig,
+    DigitsConfig,
+    ExactGPConfig,
     MCDropoutConfig,
     Method,
     MlflowConfig,
@@ -38,24 +41,30 @@ CHAMPION = "champion"
 def retrain(
     seed: int = 0,
     methods: list[Method] | None = None,
+    dataset: Dataset = "two_moons",
     data: DataConfig = DataConfig(),
+    digits: DigitsConfig = DigitsConfig(),
     model: ModelSection = ModelSection(),
     training: TrainingConfig = TrainingConfig(),
     sngp: SNGPConfig = SNGPConfig(),
     mc_dropout: MCDropoutConfig = MCDropoutConfig(),
     deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig(),
+    exact_gp: ExactGPConfig = ExactGPConfig(),
     mlflow: MlflowConfig = MlflowConfig(),
     retrain: RetrainConfig = RetrainConfig(),
 ) -> dict[str, Any]:
     """Retrain on fresh data; promote each method's new model only if it is at least as good."""
     raw = {
         "seed": seed,
+        "dataset": dataset,
         "data": data,
+        "digits": digits,
         "model": model,
         "training": training,
         "sngp": sngp,
         "mc_dropout": mc_dropout,
         "deep_ensemble": deep_ensemble,
+        "exact_gp": exact_gp,
         "mlflow": mlflow,
         "retrain": retrain,
     }

@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
     from flows.retrain import retrain
 
     started = time.perf_counter()
-    state = retrain(**flow_kwargs(config), return_state=True)
+    state = retrain(**flow_kwargs(config, retrain), return_state=True)
     if not state.is_completed():
         try:
             state.result()
