@@ -82,6 +82,9 @@ def prestart_local_prefect() -> threading.Thread | None:
     The server takes ~10 s to come up; overlapping it with importing MLflow and the flow saves seconds
     on every `sngp run`. Join the thread before the flow starts (its start() marks itself running early).
     """
+    # Prefect's default (20 s) is too short on a loaded 2-core machine, and when the wait times out
+    # Prefect leaves the late server process running (an orphan holding our stdout open).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if os.environ.get("PREFECT_API_URL"):
         return None
 
@@ -92,7 +95,13 @@ def prestart_local_prefect() -> threading.Thread | None:
             return
         from prefect.server.api.server import SubprocessASGIServer
 
-        SubprocessASGIServer().start()
+        server = SubprocessASGIServer()
+        try:
+            server.start()
+        except Exception:
+            if server.server_process is not None and server.server_process.poll() is None:
+                server.server_process.kill()  # never leave a half-started server behind
+            raise
 
     thread = threading.Thread(target=start, name="prefect-prestart", daemon=True)
     thread.start()
