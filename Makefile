@@ -48,3 +48,14 @@ deploy: $(STAMP)
 DATA_DIR ?= .sngp_server
 serve: $(STAMP)
 	$(BIN)/sngp serve --data-dir $(DATA_DIR)
+
+# Notebook baseline vs. `sngp run` cold and warm, 1M-point predictions -> benchmarks/results/latest.json.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_bench.py
+
+# The small sweep (conf/sweep_smoke.yaml: 8 points, seconds each) on embedded defaults (Prefect local
+# mode, ./mlflow.db). SWEEP_ARGS="--runner dask --dask-workers 2" runs it on a local Dask cluster.
+SWEEP_CONFIG ?= conf/sweep_smoke.yaml
+SWEEP_ARGS ?=
+sweep: $(STAMP)
+	$(BIN)/sngp sweep --config $(SWEEP_CONFIG) $(SWEEP_ARGS)

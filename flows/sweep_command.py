@@ -1,0 +1,210 @@
+"""`sngp sweep`: run a sweep file's points as mapped tasks on a thread pool or a Dask cluster."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from flows.cli import UserError
+from flows.config import ConfigError
+
+HELP = "Run a hyperparameter sweep (conf/sweep_*.yaml) on a thread pool or a Dask cluster."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="PATH", required=True, help="sweep file, e.g. conf/sweep_smoke.yaml"
+    )
+    parser.add_argument(
+        "--runner",
+        choices=("thread", "dask"),
+        default=None,
+        help="where the points run: 'thread' (default) = a thread pool in this process; 'dask' = Dask "
+        "workers (a local cluster started for the run, or --dask-address)",
+    )
+    parser.add_argument(
+        "--threads", metavar="N", type=int, default=2, help="thread runner: points run at once (default 2)"
+    )
+    parser.add_argument(
+        "--dask-address",
+        metavar="ADDR",
+        default=None,
+        help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786 (implies --runner dask); its workers "
+        "must share this sweep's cache folder (SNGP_CACHE_DIR)",
+    )
+    parser.add_argument(
+        "--dask-workers",
+        metavar="N",
+        type=int,
+        default=None,
+        help="--runner dask without --dask-address: worker processes of the local cluster (default 2)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="MLflow tracking URI (default: the base config's, else $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db in the working directory)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        default=None,
+        help="cache folder (default: $SNGP_CACHE_DIR, else ./.sngp_cache); Dask workers must share it",
+    )
+    parser.epilog = (
+        "Results: one MLflow parent run (sweep.yaml, sweep_results.csv, plots/sweep_<metric>.png) with a "
+        "nested run per point. Exit code 1 if any point failed (the others still finish), 2 for a bad "
+        "sweep file or options."
+    )
+
+
+def choose_runner(args: argparse.Namespace):
+    """(task runner, description) from the options; UserError for combinations that clash."""
+    runner = args.runner or ("dask" if args.dask_address or args.dask_workers else "thread")
+    if runner == "thread":
+        if args.dask_address or args.dask_workers:
+            raise UserError("--dask-address/--dask-workers need --runner dask (or leave --runner out)")
+        if args.threads < 1:
+            raise UserError(f"--threads: must be >= 1, got {args.threads}")
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=args.threads), f"thread pool ({args.threads} threads)"
+    if args.dask_address and args.dask_workers:
+        raise UserError("give either --dask-address (an existing cluster) or --dask-workers (a local one)")
+    _quiet_dask()
+    from prefect_dask import DaskTaskRunner
+
+    if args.dask_address:
+        check_scheduler(args.dask_address)
+        return DaskTaskRunner(address=args.dask_address), f"Dask cluster at {args.dask_address}"
+    workers = args.dask_workers or 2
+    if workers < 1:
+        raise UserError(f"--dask-workers: must be >= 1, got {workers}")
+    import dask
+
+    # TensorFlow is not fork-safe: worker processes start fresh (spawn), as Dask does by default.
+    dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
+    runner = DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+        },
+    )
+    return runner, f"local Dask cluster ({workers} worker processes)"
+
+
+def _quiet_dask() -> None:
+    # Dask logs every connection at INFO; keep warnings. The env var reaches spawned worker processes.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+def check_scheduler(address: str) -> None:
+    """Fail fast, in one line, when nothing listens at a tcp:// scheduler address."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme != "tcp" or not parsed.hostname:
+        return  # tls://, ucx://, ...: let Dask report
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 8786), timeout=5):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"--dask-address {address}: no Dask scheduler reachable ({exc.strerror or exc}); start one with "
+            "'dask scheduler --host 127.0.0.1' and workers with 'dask worker tcp://127.0.0.1:8786'"
+        ) from None
+
+
+def main(args: argparse.Namespace) -> int:
+    from flows.run_command import check_cache_dir, terminate_on_sigterm
+
+    if args.cache_dir:
+        os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
+    check_cache_dir()
+    from flows.sweep import SweepError, expand, load_sweep, run_sweep
+
+    extra = [f"mlflow.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
+    try:
+        spec, base = load_sweep(args.config, extra)
+    except (SweepError, ConfigError) as exc:
+        raise UserError(str(exc)) from None
+    task_runner, where = choose_runner(args)
+    terminate_on_sigterm()
+    print(f"Sweep {args.config}: {len(expand(spec))} points on {where}")
+    state, seconds = run_sweep(spec, base, task_runner)
+    if not state.is_completed():
+        try:
+            state.result()
+        except BaseException as exc:  # noqa: BLE001 - reported as one line
+            print(f"sngp sweep: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    summary = state.result()
+    print_summary(spec, summary, seconds, where)
+    return 1 if summary["failed"] else 0
+
+
+def print_summary(spec, summary: dict, seconds: float, where: str) -> None:
+    from flows.sweep import Outcome, Point, _fmt, aggregate
+    from tasks.tracking import redact
+
+    points = summary["points"]
+    cached = sum(p["cached"] for p in points)
+    failed = [p for p in points if p["status"] != "FINISHED"]
+    print()
+    print(
+        f"Sweep finished in {seconds:.1f} s on {where}: {len(points)} points, "
+        f"{len(points) - len(failed)} finished ({cached} from the cache), {len(failed)} failed."
+    )
+    print(
+        f"MLflow parent run: {summary['parent_run_id']} (experiment {summary['experiment_id']}, "
+        f"{redact(summary['tracking_uri'])})"
+    )
+    metrics = list(spec.metrics)
+    width = max(len(p["label"]) for p in points) + 2
+    cols = {m: max(12, len(m) + 2) for m in metrics}
+    header = f"{'point':<6}{'setting':<{width}}{'status':<10}" + "".join(f"{m:>{cols[m]}}" for m in metrics)
+    print()
+    print(header + "  cached")
+    print("-" * (len(header) + 8))
+    for p in points:
+        values = p["metrics"]
+        cells = "".join(f"{values[m]:>{cols[m]}.4f}" if m in values else f"{'-':>{cols[m]}}" for m in metrics)
+        print(f"{p['id']:<6}{p['label']:<{width}}{p['status']:<10}{cells}  {'yes' if p['cached'] else '-'}")
+    outcomes = [
+        Outcome(Point(p["id"], p["method"], p["settings"], p["seed"], p["label"]), p["status"], p["metrics"])
+        for p in points
+    ]
+    rows = aggregate(spec, outcomes)
+    if len(spec.seeds) > 1:
+        print()
+        print(f"Mean ± std over seeds {', '.join(str(s) for s in spec.seeds)}:")
+        for row in rows:
+            setting = " ".join(f"{k}={_fmt(v)}" for k, v in row["settings"].items())
+            cells = "  ".join(f"{m} {s['mean']:.4f}±{s['std']:.4f}" for m, s in row["stats"].items())
+            print(f"  {row['method']} {setting} (n={row['seeds']}): {cells or 'no finished seeds'}")
+    if failed:
+        print()
+        print(f"{len(failed)} of {len(points)} points failed:")
+        for p in failed:
+            print(f"  {p['id']} {p['label']}: {p['error']}")
+    print()
+    print(f"Table: {summary['csv']}")
+    print(f"Plots: {summary['summary_png']}")
+    for png in summary["plots"]:
+        if png != summary["summary_png"]:
+            print(f"       {png}")
+    uri, exp, parent = summary["tracking_uri"], summary["experiment_id"], summary["parent_run_id"]
+    if uri.startswith(("http://", "https://")):
+        print(f"Open the MLflow UI: {uri.rstrip('/')}/#/experiments/{exp}/runs/{parent}")
+    else:
+        print(f"Open the MLflow UI: mlflow ui --backend-store-uri {redact(uri)} --port 5000")
+        print(f"  then http://127.0.0.1:5000/#/experiments/{exp}/runs/{parent}")
