@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sngp_models.config import ALL_METHODS, METHODS, ModelConfig
 from sngp_models.digits import check_known_classes
@@ -22,7 +30,17 @@ Dataset = Literal["two_moons", "digits"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: .nan/.inf are never valid settings ("Input should be a finite number").
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic would read YAML's `true` as 1 (epochs: true -> one epoch): a number must be a number.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation in (int, float, int | None, float | None):
+            raise ValueError(f"expected a number, got the boolean {value}")
+        return value
 
 
 class DataConfig(Section):
@@ -205,7 +223,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            problem = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {str(path)!r} {problem}")
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -278,7 +297,7 @@ def describe_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
             allowed = ", ".join(parent.model_fields) if parent else "see conf/default.yaml"
             lines.append(f"{key}: unknown key; allowed keys here: {allowed}")
             continue
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "literal_error":
             msg = f"unknown value; allowed: {', '.join(ALL_METHODS)}" if loc[:1] == ("methods",) else msg
         given = err.get("input")

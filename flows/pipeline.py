@@ -32,13 +32,15 @@ from flows.config import (
     PipelineConfig,
     SNGPConfig,
     TrainingConfig,
+    validate_config,
 )
+from sngp_models.interface import read_model_dir
 from tasks import tracking
-from tasks.cache import CACHE_POLICY, CODE_VERSION, cache_root
+from tasks.cache import CACHE_POLICY, CODE_VERSION, cache_root, task_lock_manager
 from tasks.data import generate_data
 from tasks.evaluate import evaluate_model
 from tasks.plot import plot_comparison, plot_method
-from tasks.train import mc_dropout_from_deterministic, train_model
+from tasks.train import STOP_TRAINING, mc_dropout_from_deterministic, train_model
 
 SUMMARY_METRICS = (
     "test_accuracy",
@@ -53,11 +55,18 @@ SUMMARY_METRICS = (
 
 
 def configured(task):
-    """The task with its cache keys stored beside the artefacts (cache_root(), resolved at run time),
-    so deleting the cache folder invalidates both together."""
-    return task.with_options(
-        cache_policy=CACHE_POLICY.configure(key_storage=str(cache_root() / "prefect-keys"))
-    )
+    """The task with its cache records stored beside the artefacts (cache_root(), resolved at run time),
+    so deleting the cache folder invalidates both together.
+
+    Each record (key, metadata and result together, under a relative key) lives in the cache folder,
+    never in PREFECT_HOME: `sngp run` and a served worker have different PREFECT_HOMEs but share the
+    cache folder, and a record pointing into another PREFECT_HOME's storage fails the task
+    ("Provided path ... is outside of the base path ...") instead of being a cache hit.
+
+    SERIALIZABLE: identical tasks of concurrent runs sharing the cache folder run once (the others wait
+    for the lock, then read the cached result); the lock dies with its process (tasks.cache)."""
+    policy = CACHE_POLICY.configure(isolation_level="SERIALIZABLE", lock_manager=task_lock_manager())
+    return task.with_options(cache_policy=policy, result_storage=cache_root() / "prefect-results")
 
 
 @flow(name="uncertainty-pipeline", log_prints=True)
@@ -91,7 +100,7 @@ def uncertainty_pipeline(
     }
     if methods is not None:
         raw["methods"] = methods
-    config = PipelineConfig.model_validate(raw)
+    config = validate_config(raw)  # ConfigError (a ValueError) naming the field and what is allowed
     with parent_run(config, "pipeline") as (uri, experiment_id, parent_id, started_runs):
         data_path = generate(config, config.seed)
         trained = submit_training(config, data_path)
@@ -116,9 +125,22 @@ def parent_run(config: PipelineConfig, kind: str, extra_tags: dict[str, str] | N
     import mlflow as mlf
 
     logger = get_run_logger()
+    STOP_TRAINING.clear()
     uri = tracking.resolve_tracking_uri(config.mlflow.tracking_uri)
     experiment_id = tracking.setup(uri, config.mlflow.experiment)
+    try:  # runs left RUNNING by a killed earlier run: FAILED, with the reason as a tag
+        orphaned = tracking.fail_orphaned_runs(uri, experiment_id)
+    except mlf.exceptions.MlflowException as exc:
+        orphaned = []
+        logger.warning("could not check for runs left RUNNING by killed processes: %s", exc)
+    if orphaned:
+        logger.warning(
+            "marked %d MLflow run(s) FAILED: their process was killed before it finished them (%s)",
+            len(orphaned),
+            ", ".join(orphaned),
+        )
     tags = {
+        **tracking.process_tags(),
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
         "prefect.flow_run_name": str(flow_run.get_name()),
         "git_commit": tracking.git_commit(),
@@ -138,7 +160,11 @@ def parent_run(config: PipelineConfig, kind: str, extra_tags: dict[str, str] | N
         )
         yield uri, experiment_id, parent.info.run_id, started_runs
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        # KeyboardInterrupt, SystemExit, Prefect's TerminationSignal (its SIGTERM handler): interrupted.
+        interrupted = not isinstance(exc, Exception)
+        if interrupted:
+            STOP_TRAINING.set()  # training threads stop at their next epoch instead of running to the end
+        status = "KILLED" if interrupted else "FAILED"
         while mlf.active_run() is not None:
             mlf.end_run(status)
         tracking.fail_unfinished_runs(uri, started_runs, status)
@@ -159,7 +185,10 @@ def relevant(config: PipelineConfig, method: str) -> dict[str, Any]:
 
 
 def submit_training(config: PipelineConfig, data_path: str) -> dict[str, Any]:
-    """Submit one training per method (they run concurrently); MC Dropout wraps the deterministic net."""
+    """Submit one training per method (they run concurrently); MC Dropout wraps the deterministic net.
+
+    A result whose model directory is missing or incomplete (a cache entry outliving its files, a
+    process killed while saving) is not trusted: that training reruns instead of failing later."""
     train = configured(train_model)
     methods = config.methods
     trained = {}
@@ -168,11 +197,32 @@ def submit_training(config: PipelineConfig, data_path: str) -> dict[str, Any]:
     for method in methods:
         if method != "mc_dropout":
             trained[method] = train.submit(method, relevant(config, method), data_path)
+    retrain = train.with_options(refresh_cache=True)
+    for method, future in trained.items():
+        args = (method, relevant(config, method), data_path)
+        trained[method] = usable_model(future, lambda a=args: retrain.submit(*a))
     if "mc_dropout" in methods:
-        trained["mc_dropout"] = configured(mc_dropout_from_deterministic).submit(
-            trained["deterministic"], relevant(config, "mc_dropout")
+        mc_dropout = configured(mc_dropout_from_deterministic)
+        args = (trained["deterministic"], relevant(config, "mc_dropout"))
+        trained["mc_dropout"] = usable_model(
+            mc_dropout.submit(*args), lambda: mc_dropout.with_options(refresh_cache=True).submit(*args)
         )
     return trained
+
+
+def usable_model(future, rerun):
+    """`future` once finished, or `rerun()` (the same task, cache refreshed) if the model directory its
+    result names does not load (no manifest, checksum mismatch, missing)."""
+    future.wait()
+    if not future.state.is_completed():
+        return future  # a real failure: recorded by record_method
+    model_dir = future.result()["model_dir"]
+    try:
+        read_model_dir(model_dir)
+    except (ValueError, OSError) as exc:
+        get_run_logger().warning("%s; training again", exc)
+        return rerun()
+    return future
 
 
 def submit_evaluation(config: PipelineConfig, trained: dict[str, Any], data_path: str):
@@ -187,7 +237,12 @@ def record_method(config, method, trained, evaluated, plotted, experiment_id, st
     import mlflow as mlf
 
     logger = get_run_logger()
-    child = mlf.start_run(experiment_id=experiment_id, run_name=method, nested=True, tags={"method": method})
+    child = mlf.start_run(
+        experiment_id=experiment_id,
+        run_name=method,
+        nested=True,
+        tags={"method": method, **tracking.process_tags()},
+    )
     started_runs.append(child.info.run_id)
     try:
         t0 = time.perf_counter()

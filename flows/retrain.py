@@ -26,10 +26,10 @@ from flows.config import (
     Method,
     MlflowConfig,
     ModelSection,
-    PipelineConfig,
     RetrainConfig,
     SNGPConfig,
     TrainingConfig,
+    validate_config,
 )
 from flows.pipeline import configured, parent_run, record_method, submit_evaluation, submit_training
 from tasks.data import generate_data, load_data
@@ -70,7 +70,7 @@ def retrain(
     }
     if methods is not None:
         raw["methods"] = methods
-    config = PipelineConfig.model_validate(raw)
+    config = validate_config(raw)  # ConfigError (a ValueError) naming the field and what is allowed
     policy = config.retrain
     data_seed = policy.data_seed if policy.data_seed is not None else secrets.randbelow(2**31 - 1)
     logger = get_run_logger()

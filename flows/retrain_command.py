@@ -6,7 +6,14 @@ import argparse
 import sys
 import time
 
-from flows.run_command import add_config_arguments, config_from_args, flow_kwargs, terminate_on_sigterm
+from flows.run_command import (
+    add_config_arguments,
+    check_cache_dir,
+    check_tracking,
+    config_from_args,
+    flow_kwargs,
+    terminate_on_sigterm,
+)
 
 HELP = "Retrain on fresh data and promote each method's model in the MLflow registry if it is as good."
 
@@ -27,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_cache_dir()
+    config = check_tracking(config)  # fails fast on a bad URI; keeps a password out of flow parameters
     terminate_on_sigterm()
     from flows.retrain import retrain
 

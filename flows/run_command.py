@@ -108,10 +108,92 @@ def prestart_local_prefect() -> threading.Thread | None:
     return thread
 
 
+def check_cache_dir() -> None:
+    """The cache folder must be creatable and writable: fail now, not after Prefect has started."""
+    # As tasks.cache.cache_root() (not imported here: it imports Prefect).
+    root = Path(os.environ.get("SNGP_CACHE_DIR") or Path.cwd() / ".sngp_cache").resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"cache folder {root} is not usable ({exc.strerror or exc}); "
+            "choose another with --cache-dir or SNGP_CACHE_DIR"
+        ) from None
+
+
+# Tracking-store URI schemes MLflow knows (a driver may follow: postgresql+psycopg2); plugins add more.
+_TRACKING_SCHEMES = {
+    "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc",
+}  # fmt: skip
+
+
+def check_tracking(config: PipelineConfig) -> PipelineConfig:
+    """Fail fast on an MLflow tracking URI that cannot work (unknown scheme, no server answering), and
+    keep a password in it out of the flow's parameters (Prefect stores and shows those): such a URI
+    reaches the flow through MLFLOW_TRACKING_URI instead. Returns the config to run.
+
+    Imports neither MLflow nor Prefect (seconds each): a bad URI is reported at once."""
+    import importlib.metadata
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    configured = config.mlflow.tracking_uri
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return config  # the default: sqlite:///mlflow.db in the working directory
+    shown = redact(uri)
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.split("+", 1)[0]
+    plugins = {e.name for e in importlib.metadata.entry_points(group="mlflow.tracking_store")}
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise UserError(
+            f"MLflow tracking URI {shown}: MLflow 3 refuses folder stores; use sqlite:///PATH/mlflow.db "
+            "or http://HOST:PORT (a tracking server)"
+        )
+    if scheme not in _TRACKING_SCHEMES | plugins | {"", "file"}:
+        raise UserError(
+            f"MLflow tracking URI {shown}: unknown scheme {parts.scheme!r}; use http(s)://HOST:PORT "
+            "(a tracking server), sqlite:///PATH/mlflow.db or postgresql://USER:PASSWORD@HOST/DB"
+        )
+    if scheme in ("http", "https"):
+        host = parts.netloc.rsplit("@", 1)[-1]
+        health = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+        loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+        opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
+        try:
+            opener.open(health, timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # something answers (auth, proxy): MLflow reports the details itself
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(
+                f"no MLflow tracking server answers at {shown} ({reason}); start one (sngp serve) or "
+                "fix --tracking-uri / MLFLOW_TRACKING_URI"
+            ) from None
+    if configured and redact(configured) != configured:
+        os.environ["MLFLOW_TRACKING_URI"] = configured
+        mlflow_section = config.mlflow.model_copy(update={"tracking_uri": None})
+        config = config.model_copy(update={"mlflow": mlflow_section})
+    return config
+
+
+def redact(text: str) -> str:
+    """tasks.tracking.redact, without importing MLflow (passwords in URLs -> ***)."""
+    import re
+
+    return re.sub(r"(://[^/:@\s]*):\S*@(?=[^@\s]*(?:\s|$))", r"\1:***@", text)
+
+
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.cache_dir:
         os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
+    check_cache_dir()
+    config = check_tracking(config)
     terminate_on_sigterm()
     started = time.perf_counter()
     prestart = prestart_local_prefect()
@@ -125,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             state.result()
         except BaseException as exc:  # noqa: BLE001 - reported as one line below
-            print(f"sngp run: pipeline failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"sngp run: pipeline failed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         return 1
     print_summary(state.result(), time.perf_counter() - started)
     return 0
@@ -163,7 +245,7 @@ def print_summary(summary: dict, seconds: float) -> None:
     print()
     if uri.startswith(("http://", "https://")):
         print(
-            f"Open the MLflow UI: {uri.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/"
+            f"Open the MLflow UI: {redact(uri).rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/"
             f"{summary['parent_run_id']}"
         )
     else:

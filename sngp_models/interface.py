@@ -8,6 +8,7 @@ so that methods without TensorFlow (exact_gp) can use it without importing Tenso
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -52,17 +53,35 @@ def write_model_dir(
         manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         # Written last: a directory without a valid manifest is never loaded as a model.
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if path.exists():
-            trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            path.rename(trash)
-            tmp.rename(path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished `tmp` to `path`, replacing a model there. Several processes may save to the
+    same path at once (runs sharing a cache): whoever renames last wins, nobody fails."""
+    for _attempt in range(100):
+        trash = None
+        if path.exists():
+            trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            try:
+                path.rename(trash)
+            except FileNotFoundError:  # another writer moved it away first
+                trash = None
+        try:
+            tmp.rename(path)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # another writer put its complete model there in between: replace that one
+        finally:
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+    raise OSError(errno.EBUSY, f"could not move the saved model into place at {path}")
 
 
 def read_model_dir(path: str | os.PathLike) -> dict[str, Any]:

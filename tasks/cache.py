@@ -12,10 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.locking.filesystem import FileSystemLockManager
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +64,112 @@ def write_atomic(path: Path, write) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Locks: identical tasks running at the same time (several `sngp run`s or workers sharing the cache
+# folder) run once; the others wait and read the cached result.
+
+LOCK_HOLD_SECONDS = 6 * 3600  # last resort for a holder on another host that died without releasing
+HOST = socket.gethostname()
+
+
+def process_start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, Linux), to tell a live holder from pid reuse."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return started is None or process_start_time(pid) in (None, started)
+
+
+class ProcessLockManager(FileSystemLockManager):
+    """Prefect's file-system lock manager, except that a lock dies with the process that holds it.
+
+    Prefect's lock files carry no expiry, so a run killed with SIGKILL while it held a task's lock
+    (it was training) would make every later run of that task wait forever. Here each lock file also
+    records the holder's host, pid and process start time, is created complete (written aside, then
+    hard-linked into place, so nobody reads a half-written lock), and a lock whose process on this host
+    is gone counts as released. Locks from other hosts expire after LOCK_HOLD_SECONDS as a last resort.
+    """
+
+    def __init__(self, lock_files_directory: str | os.PathLike, hold_seconds: float = LOCK_HOLD_SECONDS):
+        super().__init__(Path(lock_files_directory))
+        self.hold_seconds = hold_seconds
+
+    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
+        self._ensure_lock_files_directory_exists()
+        path = self.lock_files_directory / f"{key}.lock"
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            if self.is_locked(key) and not self.is_lock_holder(key, holder):
+                left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+                if not self.wait_for_lock(key, left):
+                    return False
+            expiration = datetime.now(UTC) + timedelta(seconds=hold_timeout or self.hold_seconds)
+            info = {"holder": holder, "expiration": expiration.isoformat(), "host": HOST,
+                    "pid": os.getpid(), "started": process_start_time(os.getpid())}  # fmt: skip
+            tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}")
+            tmp.write_text(json.dumps(info))
+            try:
+                os.link(tmp, path)  # atomic: fails if someone holds the lock
+            except FileExistsError:
+                if self.is_lock_holder(key, holder):
+                    return True
+                continue  # taken meanwhile: wait again
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._locks[key] = {"holder": holder, "expiration": expiration, "path": path}
+            return True
+
+    async def aacquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def _get_lock_info(self, key: str, use_cache: bool = True):
+        if use_cache and (cached := self._locks.get(key)) is not None:
+            return cached
+        path = self.lock_files_directory / f"{key}.lock"
+        try:
+            raw = json.loads(path.read_bytes() or b"{}")
+        except FileNotFoundError:
+            self._locks.pop(key, None)
+            return None
+        except ValueError:  # a lock file written by another tool, still being written: held
+            raw = {}
+        if raw.get("host") == HOST and isinstance(raw.get("pid"), int):
+            if not process_alive(raw["pid"], raw.get("started")):
+                path.unlink(missing_ok=True)  # its holder was killed: the lock died with it
+                self._locks.pop(key, None)
+                return None
+        expiration = raw.get("expiration")
+        info = {
+            "holder": raw.get("holder", ""),
+            "expiration": datetime.fromisoformat(expiration) if expiration else None,
+            "path": path,
+        }
+        self._locks[key] = info
+        return info
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        info = self._get_lock_info(key, use_cache=use_cache)
+        if info is None:
+            return False
+        if info["expiration"] is not None and info["expiration"] < datetime.now(UTC):
+            Path(info["path"]).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return True
+
+
+def task_lock_manager() -> ProcessLockManager:
+    """Locks for the tasks caching under cache_root() (resolved when called)."""
+    return ProcessLockManager(cache_root() / "prefect-locks")

@@ -39,13 +39,18 @@ _PIP_REQUIREMENTS = [
 
 
 def redact(text: str) -> str:
-    """Hide passwords in URLs (postgresql://user:secret@host -> postgresql://user:***@host)."""
-    return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)
+    """Hide passwords in URLs (postgresql://user:secret@host -> postgresql://user:***@host).
+
+    The password runs to the last '@' of the URL, so one containing '@' or '/' is hidden whole."""
+    return re.sub(r"(://[^/:@\s]*):\S*@(?=[^@\s]*(?:\s|$))", r"\1:***@", text)
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
     """Config value, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.startswith("postgresql://"):
+        # SQLAlchemy's default PostgreSQL driver (psycopg 3) is not installed; psycopg2 is.
+        return "postgresql+psycopg2://" + uri.removeprefix("postgresql://")
     if uri:
         return uri
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
@@ -53,6 +58,9 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 
 def setup(tracking_uri: str, experiment: str) -> str:
     """Point MLflow at the store and return the experiment id (created on first use)."""
+    if redact(tracking_uri) != tracking_uri:
+        # MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends: with the password in it.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -133,3 +141,51 @@ def fail_unfinished_runs(tracking_uri: str, run_ids: list[str], status: str = "F
                 client.set_terminated(run_id, status)
         except mlflow.exceptions.MlflowException:
             pass
+
+
+# Who writes a run: lets a later pipeline start tell a run whose process was killed from a live one.
+HOST_TAG, PID_TAG, PROCESS_START_TAG = "sngp.host", "sngp.pid", "sngp.process_start"
+ORPHAN_TAG = "sngp.failure"
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming this process (host, pid, start time), recorded on every run the pipeline opens."""
+    from .cache import HOST, process_start_time
+
+    return {
+        HOST_TAG: HOST,
+        PID_TAG: str(os.getpid()),
+        PROCESS_START_TAG: process_start_time(os.getpid()) or "",
+    }
+
+
+def fail_orphaned_runs(tracking_uri: str, experiment_id: str) -> list[str]:
+    """Mark FAILED the experiment's RUNNING runs whose process (on this host) is gone: it was killed
+    (SIGKILL, out of memory, power loss) before it could end them. Tags `sngp.failure` with the reason;
+    returns their ids. Runs of live processes, of other hosts, or without process tags are left alone."""
+    from .cache import HOST, process_alive
+
+    client = MlflowClient(tracking_uri)
+    orphaned = []
+    runs = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != HOST or not tags.get(PID_TAG, "").isdigit():
+            continue
+        pid = int(tags[PID_TAG])
+        if pid == os.getpid() or process_alive(pid, tags.get(PROCESS_START_TAG) or None):
+            continue
+        try:
+            client.set_tag(
+                run.info.run_id,
+                ORPHAN_TAG,
+                f"process {pid} on {HOST} ended without finishing this run (killed or crashed); "
+                "marked FAILED by a later pipeline start",
+            )
+            client.set_terminated(run.info.run_id, "FAILED")
+            orphaned.append(run.info.run_id)
+        except mlflow.exceptions.MlflowException:  # ended meanwhile, or deleted
+            continue
+    return orphaned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from prefect import get_run_logger, task
@@ -9,12 +10,22 @@ from prefect import get_run_logger, task
 from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, stable_key
 from .data import load_data
 
+# Set when the flow is interrupted (SIGINT/SIGTERM): training in worker threads stops at the next epoch
+# instead of running to the end while the process waits for its thread pool.
+STOP_TRAINING = threading.Event()
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped early because the flow run was interrupted."""
+
 
 def _progress(method: str, epochs: int):
     logger = get_run_logger()
     every = max(1, epochs // 10)  # ~10 lines per method, first and last epoch always shown
 
     def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
+        if STOP_TRAINING.is_set():
+            raise TrainingInterrupted(f"{method}: interrupted at epoch {epoch + 1}/{epochs}")
         if epoch == 0 or (epoch + 1) % every == 0 or epoch + 1 == epochs:
             logger.info(
                 "%s epoch %d/%d  loss %.4f  accuracy %.4f",
