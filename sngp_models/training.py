@@ -31,7 +31,6 @@ def fit_network(
     shufflers = [np.random.default_rng(member_seed(config.seed, m, SHUFFLE_STREAM)) for m in range(members)]
     variables = net.trainable_weights
 
-    @tf.function(reduce_retracing=True)
     def train_step(index: tf.Tensor, dropout_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         xb = tf.gather(x_all, index)  # (M, b, D): each member sees its own mini-batch
         yb = tf.gather(y_all, index)
@@ -44,21 +43,29 @@ def fit_network(
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1), yb), tf.float32))
         return tf.reduce_mean(member_loss), correct
 
-    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     steps = math.ceil(n / config.batch_size)
-    step = 0
+    batch_size, seed = config.batch_size, tf.constant(config.seed, tf.int64)
+    optimizer._create_all_weights(variables)  # Adam's slots exist before the loop below is traced
+
+    @tf.function
+    def train_epoch(order: tf.Tensor, first_step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """One epoch in one graph call: AutoGraph turns the loop over mini-batches into a tf.while_loop,
+        so there is no per-batch Python overhead and one host sync per epoch (benchmarks/
+        train_variants.py: 20-30% faster than one tf.function call per batch, identical weights)."""
+        loss_sum, correct_sum = tf.constant(0.0), tf.constant(0.0)
+        for s in tf.range(steps):
+            index = order[:, s * batch_size : (s + 1) * batch_size]
+            batch_loss, correct = train_step(index, tf.stack([seed, first_step + tf.cast(s, tf.int64)]))
+            loss_sum += batch_loss * tf.cast(tf.shape(index)[1], tf.float32)
+            correct_sum += correct
+        return loss_sum, correct_sum
+
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     for epoch in range(config.epochs):
         net.on_epoch_begin(epoch)
         order = np.stack([rng.permutation(n) for rng in shufflers])
-        loss_sum, correct_sum = 0.0, 0.0
-        for s in range(steps):
-            index = order[:, s * config.batch_size:(s + 1) * config.batch_size]
-            seed = tf.constant([config.seed, step], dtype=tf.int64)
-            batch_loss, correct = train_step(tf.constant(index), seed)
-            loss_sum += float(batch_loss) * index.shape[1]
-            correct_sum += float(correct)
-            step += 1
-        logs = {"loss": loss_sum / n, "accuracy": correct_sum / (n * members)}
+        loss_sum, correct_sum = train_epoch(tf.constant(order), tf.constant(epoch * steps, tf.int64))
+        logs = {"loss": float(loss_sum) / n, "accuracy": float(correct_sum) / (n * members)}
         if not (math.isfinite(logs["loss"])):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1}: loss is {logs['loss']}")
         history["loss"].append(logs["loss"])
