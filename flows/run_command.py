@@ -7,12 +7,12 @@ import inspect
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 from flows.cli import UserError
 from flows.config import ConfigError, PipelineConfig, load_config
+from flows.local_server import start_if_local
 
 HELP = "Run the uncertainty pipeline once (Prefect local mode unless PREFECT_API_URL is set)."
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
@@ -74,38 +74,6 @@ def terminate_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
-
-
-def prestart_local_prefect() -> threading.Thread | None:
-    """In local mode, start Prefect's temporary server in the background while we import the rest.
-
-    The server takes ~10 s to come up; overlapping it with importing MLflow and the flow saves seconds
-    on every `sngp run`. Join the thread before the flow starts (its start() marks itself running early).
-    """
-    # Prefect's default (20 s) is too short on a loaded 2-core machine, and when the wait times out
-    # Prefect leaves the late server process running (an orphan holding our stdout open).
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-
-    def start() -> None:
-        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
-
-        if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
-            return
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        try:
-            server.start()
-        except Exception:
-            if server.server_process is not None and server.server_process.poll() is None:
-                server.server_process.kill()  # never leave a half-started server behind
-            raise
-
-    thread = threading.Thread(target=start, name="prefect-prestart", daemon=True)
-    thread.start()
-    return thread
 
 
 def check_cache_dir() -> None:
@@ -196,11 +164,11 @@ def main(args: argparse.Namespace) -> int:
     config = check_tracking(config)
     terminate_on_sigterm()
     started = time.perf_counter()
-    prestart = prestart_local_prefect()
+    local_server = start_if_local()  # overlaps Prefect's ~5 s server start-up with our imports
     from flows.pipeline import uncertainty_pipeline  # Prefect/MLflow import only after the config is valid
 
-    if prestart is not None:
-        prestart.join()
+    if local_server is not None:
+        local_server.wait_ready()
 
     state = uncertainty_pipeline(**flow_kwargs(config, uncertainty_pipeline), return_state=True)
     if state.is_failed() or state.is_crashed() or state.is_cancelled():

@@ -1,0 +1,121 @@
+"""Prefect's temporary server for local mode, started the moment `sngp run` knows it will need one.
+
+Without PREFECT_API_URL, Prefect starts a temporary server on its first API call, after `import prefect`
+and the flow's imports (~5 s), then waits for it (~5 s). Starting the same server process ourselves
+(same command and environment as prefect.server.api.server.SubprocessASGIServer) before anything heavy
+is imported overlaps the two, which is most of a fully cached run's time. Prefect is then pointed at it
+with PREFECT_API_URL, so it uses it like any server. The server dies with this process: stopped at exit,
+and killed by the kernel if we are SIGKILLed (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+from flows.serve import _parent_death_signal
+
+
+def _configured_api_url() -> bool:
+    """True if the environment or the active Prefect profile already names a server."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    try:
+        profiles = tomllib.loads((home / "profiles.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return bool(profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalPrefectServer:
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(prefect_dir.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_parent_death_signal(signal.SIGTERM),  # noqa: PLW1509 - prctl only
+        )
+        atexit.register(self.stop)  # registered before Prefect's own exit hooks, so it runs after them
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = (
+                    self.process.stderr.read().decode(errors="replace")[-2000:] if self.process.stderr else ""
+                )
+                raise RuntimeError(
+                    f"Prefect's temporary server exited with code {self.process.returncode}: {err}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_if_local() -> LocalPrefectServer | None:
+    """Start the temporary server and point Prefect at it, unless a server is configured.
+
+    Must run before `prefect` is imported (Prefect reads PREFECT_API_URL once, at import)."""
+    if _configured_api_url() or "prefect" in sys.modules:
+        return None
+    server = LocalPrefectServer()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server
