@@ -1,6 +1,7 @@
 """The study's networks: a residual MLP (one or many members evaluated together) and its SNGP variant.
 
-DeepResNet (tutorial):  h = W_in x (frozen);  h <- h + Dropout(relu(W_k h + b_k)), k = 1..L;  logits = W_out h.
+DeepResNet (tutorial):  h = W_in x (frozen);  h <- h + Dropout(relu(W_k h + b_k)), k = 1..L;
+logits = W_out h.
 SNGP: each hidden W_k wrapped in spectral normalisation (||W_k||_2 <= c), and the Dense output replaced by
 a random-feature Gaussian process layer; both layers come from tf-models-official.
 
