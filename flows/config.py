@@ -248,6 +248,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate_config(raw)
 
 
+def config_from_flow_parameters(parameters: dict[str, Any]) -> PipelineConfig:
+    """A flow's parameters (one per config section, as in `locals()` at the flow's start) -> validated
+    config. `methods=None` means the default list."""
+    raw = {k: v for k, v in parameters.items() if not (k == "methods" and v is None)}
+    return validate_config(raw)
+
+
 def validate_config(raw: dict[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(raw)

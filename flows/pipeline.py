@@ -32,7 +32,7 @@ from flows.config import (
     PipelineConfig,
     SNGPConfig,
     TrainingConfig,
-    validate_config,
+    config_from_flow_parameters,
 )
 from sngp_models.interface import read_model_dir
 from tasks import tracking
@@ -85,22 +85,8 @@ def uncertainty_pipeline(
     mlflow: MlflowConfig = MlflowConfig(),
 ) -> dict[str, Any]:
     """SNGP vs. deterministic ResNet, MC Dropout and Deep Ensemble (parameters: conf/default.yaml)."""
-    raw = {
-        "seed": seed,
-        "dataset": dataset,
-        "data": data,
-        "digits": digits,
-        "model": model,
-        "training": training,
-        "sngp": sngp,
-        "mc_dropout": mc_dropout,
-        "deep_ensemble": deep_ensemble,
-        "exact_gp": exact_gp,
-        "mlflow": mlflow,
-    }
-    if methods is not None:
-        raw["methods"] = methods
-    config = validate_config(raw)  # ConfigError (a ValueError) naming the field and what is allowed
+    # Every parameter is a config section: ConfigError (a ValueError) names the field and what is allowed.
+    config = config_from_flow_parameters(locals())
     with parent_run(config, "pipeline") as (uri, experiment_id, parent_id, started_runs):
         data_path = generate(config, config.seed)
         trained = submit_training(config, data_path)

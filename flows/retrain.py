@@ -29,7 +29,7 @@ from flows.config import (
     RetrainConfig,
     SNGPConfig,
     TrainingConfig,
-    validate_config,
+    config_from_flow_parameters,
 )
 from flows.pipeline import configured, parent_run, record_method, submit_evaluation, submit_training
 from tasks.data import generate_data, load_data
@@ -54,23 +54,8 @@ def retrain(
     retrain: RetrainConfig = RetrainConfig(),
 ) -> dict[str, Any]:
     """Retrain on fresh data; promote each method's new model only if it is at least as good."""
-    raw = {
-        "seed": seed,
-        "dataset": dataset,
-        "data": data,
-        "digits": digits,
-        "model": model,
-        "training": training,
-        "sngp": sngp,
-        "mc_dropout": mc_dropout,
-        "deep_ensemble": deep_ensemble,
-        "exact_gp": exact_gp,
-        "mlflow": mlflow,
-        "retrain": retrain,
-    }
-    if methods is not None:
-        raw["methods"] = methods
-    config = validate_config(raw)  # ConfigError (a ValueError) naming the field and what is allowed
+    # Every parameter is a config section: ConfigError (a ValueError) names the field and what is allowed.
+    config = config_from_flow_parameters(locals())
     policy = config.retrain
     data_seed = policy.data_seed if policy.data_seed is not None else secrets.randbelow(2**31 - 1)
     logger = get_run_logger()
