@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import sklearn.datasets
 
 X_RANGE = (-3.5, 3.5)
 Y_RANGE = (-2.5, 2.5)
@@ -42,6 +41,8 @@ def make_two_moons(
     if not np.isfinite(noise) or noise < 0:
         raise ValueError(f"noise: must be a finite number >= 0, got {noise!r}")
     random_state = int(_rng(seed).integers(2**31 - 1))
+    import sklearn.datasets  # here, not at module level: a cached run never needs scikit-learn
+
     x, y = sklearn.datasets.make_moons(n_samples=2 * n_per_class, noise=noise, random_state=random_state)
     for label, shift in enumerate(CLASS_SHIFTS):
         x[y == label] += shift

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import sklearn.datasets
-from sklearn.model_selection import train_test_split
 
 from .data import _seed
 
@@ -76,6 +74,11 @@ def make_digits_dataset(
     is_number = isinstance(test_fraction, (int, float, np.floating)) and not isinstance(test_fraction, bool)
     if not is_number or not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction: must be a number in (0, 1), got {test_fraction!r}")
+    # scikit-learn is imported here, not at module level: the config checks import this module and a
+    # cached run never needs scikit-learn (~0.9 s of imports).
+    import sklearn.datasets
+    from sklearn.model_selection import train_test_split
+
     digits = sklearn.datasets.load_digits()
     x_all = digits.data.astype(np.float64)
     y_all = digits.target.astype(np.int64)

@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from sngp_models import metrics
-
 from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, stable_key, write_atomic
 from .data import load_data
 
@@ -18,6 +16,7 @@ from .data import load_data
 def evaluate_model(method: str, trained: dict, data_path: str, code_version: str = CODE_VERSION) -> dict:
     """Metrics on the fresh test sample, the OOD set and (two moons) the grid; predictions saved as .npz."""
     import sngp_models
+    from sngp_models import metrics  # scipy + scikit-learn: imported only when evaluating
 
     data = load_data(data_path)
     model = sngp_models.load_model(trained["model_dir"])

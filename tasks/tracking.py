@@ -79,6 +79,23 @@ def setup(tracking_uri: str, experiment: str) -> str:
         return client.get_experiment_by_name(experiment).experiment_id
 
 
+def warm_up(tracking_uri: str) -> None:
+    """Do MLflow's one-off work of a process now, e.g. while Prefect's server starts: open the tracking
+    store (imports its SQL layer; creates a new SQLite database's schema) and index the installed
+    packages (log_model checks the model's requirements against them, ~0.5 s the first time).
+    Failures are left for the flow to report where they happen."""
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception:  # noqa: BLE001 - an unusable store is reported by the flow, with context
+        pass
+    try:
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_packages_to_modules_map()  # private; only an optimisation
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -106,8 +123,8 @@ def log_curves(history: dict[str, list[float]]) -> None:
         client.log_batch(run_id, metrics=batch[start : start + 1000])
 
 
-def log_model(model_dir: str) -> str:
-    """Log the library model as a pyfunc with an input signature; returns the model URI."""
+def log_model(model_dir: str) -> mlflow.models.model.ModelInfo:
+    """Log the library model as a pyfunc with an input signature (ModelInfo: model_uri, model_id)."""
     meta = json.loads((Path(model_dir) / "model.json").read_text())
     info = mlflow.pyfunc.log_model(
         name="model",
@@ -116,7 +133,7 @@ def log_model(model_dir: str) -> str:
         signature=signature(int(meta["input_dim"]), int(meta["config"]["num_classes"])),
         pip_requirements=_PIP_REQUIREMENTS,
     )
-    return info.model_uri
+    return info
 
 
 def log_text_artifact(text: str, file_name: str, artifact_path: str | None = None) -> None:

@@ -27,6 +27,7 @@ METRICS = ("train_accuracy", "test_accuracy", "nll", "brier", "ece", "ood_mean_m
            "ood_aupr", "ood_fpr95", "grid_mean_uncertainty", "train_seconds", "inference_seconds")
 STAGES = ("train", "evaluate", "plot")
 PARENT_ID = re.compile(r"MLflow parent run: ([0-9a-f]{32})")
+FLOW_SECONDS = re.compile(r"\(Prefect flow run ([0-9.]+) s\)")
 TASK_STATE = re.compile(r"Task run '([\w.-]+)' - Finished in state (\S+)")
 
 
@@ -34,6 +35,13 @@ def parent_id_of(proc: subprocess.CompletedProcess) -> str:
     found = PARENT_ID.search(proc.stdout)
     assert found, f"no parent run id in stdout\n{describe(proc)}"
     return found.group(1)
+
+
+def flow_seconds(proc: subprocess.CompletedProcess) -> float:
+    """The flow run's duration that `sngp run` reports (Prefect's start and end times)."""
+    found = FLOW_SECONDS.search(proc.stdout)
+    assert found, f"no flow run duration in stdout\n{describe(proc)}"
+    return float(found.group(1))
 
 
 def task_states(proc: subprocess.CompletedProcess) -> dict[str, str]:
@@ -245,9 +253,21 @@ def test_second_run_hits_cache_and_records_everything(first_run, warm_run, reade
     for method, run in children.items():
         for stage in STAGES:
             assert run.data.tags[f"cached.{stage}"] == "true", (method, stage)
-    print(f"\n[pipeline] wall time: cold {first_run.seconds:.1f} s, warm {warm_run.seconds:.1f} s")
-    assert warm_run.seconds < first_run.seconds
     assert reader.running() == []
+
+
+def test_cached_rerun_takes_under_a_fifth_of_the_first(first_run, warm_run):
+    """The issue's figure, measured here: the cached flow run takes < 20% of the first one, as Prefect
+    records them (start to end). Whole processes are reported too; they also hold the fixed start-up of
+    a local-mode process (imports, Prefect's temporary server: ~3-4 s on an idle 2-core machine)."""
+    cold, warm = flow_seconds(first_run), flow_seconds(warm_run)
+    print(
+        f"\n[pipeline] cold -> cached: Prefect flow run {cold:.1f} s -> {warm:.1f} s ({warm / cold:.0%}); "
+        f"whole sngp process {first_run.seconds:.1f} s -> {warm_run.seconds:.1f} s "
+        f"({warm_run.seconds / first_run.seconds:.0%})"
+    )
+    assert warm < 0.2 * cold, (cold, warm)
+    assert warm_run.seconds < first_run.seconds
 
 
 def test_changing_an_sngp_setting_retrains_only_sngp(sngp_changed_run, reader):
