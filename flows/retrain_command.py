@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
+from flows.local_server import start_if_local
 from flows.run_command import (
     add_config_arguments,
     check_cache_dir,
@@ -37,10 +39,14 @@ def main(args: argparse.Namespace) -> int:
     check_cache_dir()
     config = check_tracking(config)  # fails fast on a bad URI; keeps a password out of flow parameters
     terminate_on_sigterm()
+    started = time.perf_counter()
+    local_server = start_if_local()  # as `sngp run`: our own temporary server, started before the imports
     from flows.retrain import retrain
 
-    started = time.perf_counter()
-    state = retrain(**flow_kwargs(config, retrain), return_state=True)
+    if local_server is not None:
+        local_server.wait_ready()
+    with local_server.flow_settings() if local_server is not None else contextlib.nullcontext():
+        state = retrain(**flow_kwargs(config, retrain), return_state=True)
     if not state.is_completed():
         try:
             state.result()
