@@ -35,7 +35,8 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts results .sngp_cache
 
-# Register the deployments of prefect.yaml against the server in PREFECT_API_URL.
+# Register the deployments of prefect.yaml against the server in PREFECT_API_URL (the pipeline's, the
+# nightly retrain and sweep-point/pool, which `sngp sweep --runner workpool` dispatches its points to).
 SNGP_WORK_POOL ?= sngp-pool
 SNGP_RETRAIN_CRON ?= 0 2 * * *
 deploy: $(STAMP)
@@ -44,17 +45,19 @@ deploy: $(STAMP)
 	SNGP_PROJECT_DIR="$(CURDIR)" SNGP_RETRAIN_CRON="$(SNGP_RETRAIN_CRON)" PREFECT_CLI_PROMPT=false \
 		$(BIN)/prefect --no-prompt deploy --all
 
-# Prefect server + MLflow server + a process worker on $(DATA_DIR); Ctrl-C stops them, data is kept.
+# Prefect server + MLflow server + $(WORKERS) process worker(s) on $(DATA_DIR); Ctrl-C stops them, data is kept.
 DATA_DIR ?= .sngp_server
+WORKERS ?= 1
 serve: $(STAMP)
-	$(BIN)/sngp serve --data-dir $(DATA_DIR)
+	$(BIN)/sngp serve --data-dir $(DATA_DIR) --workers $(WORKERS)
 
 # Notebook baseline vs. `sngp run` cold and warm, 1M-point predictions -> benchmarks/results/latest.json.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_bench.py
 
 # The small sweep (conf/sweep_smoke.yaml: 8 points, seconds each) on embedded defaults (Prefect local
-# mode, ./mlflow.db). SWEEP_ARGS="--runner dask --dask-workers 2" runs it on a local Dask cluster.
+# mode, ./mlflow.db). SWEEP_ARGS="--runner dask --dask-workers 2" runs it on a local Dask cluster,
+# SWEEP_ARGS="--runner workpool" on the work pool of `sngp serve --workers 2` (after `make deploy`).
 SWEEP_CONFIG ?= conf/sweep_smoke.yaml
 SWEEP_ARGS ?=
 sweep: $(STAMP)

@@ -1,4 +1,4 @@
-"""`sngp serve`: the Prefect server, the MLflow tracking server and a process worker, on one data dir.
+"""`sngp serve`: the Prefect server, the MLflow tracking server and process workers, on one data dir.
 
 Started as child processes, in this order, each waited for until healthy:
 
@@ -7,11 +7,17 @@ Started as child processes, in this order, each waited for until healthy:
     mlflow server --host H --port Q --artifacts-destination DIR/mlflow/artifacts --workers 1
                                                      backend store sqlite:///DIR/mlflow/mlflow.db (or --db)
     prefect work-pool create POOL --type process --overwrite
-    prefect worker start --pool POOL --name sngp-serve-worker
+    prefect worker start --pool POOL --name sngp-serve-worker --limit 1
                                                      with PREFECT_API_URL and MLFLOW_TRACKING_URI set
+                                                     (--workers N: sngp-serve-worker-1 .. -N, one each)
+
+Each worker runs at most --worker-limit flow runs at once (default 1) and polls every 2 s (unless
+PREFECT_WORKER_QUERY_SECONDS says otherwise): Prefect's process worker would otherwise take every
+scheduled run it sees in one poll, so the runs of `sngp sweep --runner workpool` would not spread
+over several workers.
 
 Logs go to DIR/logs/*.log; restarting on the same DIR keeps every run, deployment and work pool.
-Ctrl-C / SIGTERM stops the worker first (it tends to ignore the first signal, so TERM, TERM, KILL),
+Ctrl-C / SIGTERM stops the workers first (they tend to ignore the first signal, so TERM, TERM, KILL),
 then both servers. docker/compose.yaml starts the same commands as separate services.
 
 Database URLs carry passwords: they reach the servers through environment variables (never argv) and
@@ -53,13 +59,15 @@ from typing import Self
 
 from flows.cli import UserError
 
-HELP = "start the Prefect server, MLflow tracking server and a process worker (Ctrl-C stops all)"
+HELP = "start the Prefect server, MLflow tracking server and process worker(s) (Ctrl-C stops all)"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PREFECT_PORT = 4200
 DEFAULT_MLFLOW_PORT = 5000
 DEFAULT_WORK_POOL = "sngp-pool"
-WORKER_NAME = "sngp-serve-worker"
+WORKER_NAME = "sngp-serve-worker"  # the only worker's name; with --workers N: WORKER_NAME-1 .. -N
+DEFAULT_WORKER_LIMIT = 1  # flow runs at once per worker (None: Prefect's default, no limit)
+WORKER_QUERY_SECONDS = "2"  # how often workers poll for scheduled runs (Prefect's default: 10 s)
 DB_URL_ENV = "SNGP_DB_URL"  # MLflow backend store (PostgreSQL) when --db is not given
 PREFECT_DB_URL_ENV = "SNGP_PREFECT_DB_URL"  # Prefect server database when --prefect-db is not given
 DEFAULT_TIMEOUT = 120.0
@@ -96,8 +104,17 @@ def work_pool_command(pool: str) -> list[str]:
     return ["prefect", "work-pool", "create", pool, "--type", "process", "--overwrite"]
 
 
-def worker_command(pool: str, name: str | None = WORKER_NAME) -> list[str]:
-    return ["prefect", "worker", "start", "--pool", pool] + (["--name", name] if name else [])
+def worker_command(pool: str, name: str | None = WORKER_NAME, limit: int | None = None) -> list[str]:
+    return (
+        ["prefect", "worker", "start", "--pool", pool]
+        + (["--name", name] if name else [])
+        + (["--limit", str(limit)] if limit is not None else [])
+    )
+
+
+def worker_names(count: int) -> list[str]:
+    """`sngp-serve-worker` for one worker (the name it always had), else sngp-serve-worker-1 .. -N."""
+    return [WORKER_NAME] if count == 1 else [f"{WORKER_NAME}-{i}" for i in range(1, count + 1)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,7 +376,7 @@ def _group_exists(pgid: int) -> bool:
 
 
 class Services:
-    """Prefect server + MLflow server (+ work pool and one process worker) on one data directory.
+    """Prefect server + MLflow server (+ work pool and `workers` process workers) on one data directory.
 
     `start()` returns once everything answers (or raises ServiceError naming what failed, having
     stopped the rest); `stop()` shuts down in order. Use as a context manager or `start_services()`.
@@ -377,6 +394,8 @@ class Services:
         prefect_db_url: str | None = None,
         work_pool: str = DEFAULT_WORK_POOL,
         worker: bool = True,
+        workers: int = 1,
+        worker_limit: int | None = DEFAULT_WORKER_LIMIT,
         timeout: float = DEFAULT_TIMEOUT,
         log: Callable[[str], None] | None = None,
         die_with_parent: bool = True,
@@ -388,7 +407,9 @@ class Services:
         self.db_url = db_url
         self.prefect_db_url = prefect_db_url
         self.work_pool = work_pool
-        self.worker = worker
+        self.worker = worker  # False: no worker at all (as workers=0)
+        self.workers = int(workers) if worker else 0
+        self.worker_limit = worker_limit
         self.timeout = timeout
         self._log = log or (lambda message: None)
         self._die_with_parent = die_with_parent
@@ -462,6 +483,10 @@ class Services:
             )
         if not self.work_pool.strip():
             raise UserError("--work-pool must not be empty")
+        if self.worker and self.workers < 1:
+            raise UserError(f"--workers must be at least 1 (got {self.workers}); use --no-worker for none")
+        if self.worker_limit is not None and self.worker_limit < 1:
+            raise UserError(f"--worker-limit must be at least 1 (got {self.worker_limit})")
         if self.data_dir.exists() and not self.data_dir.is_dir():
             raise UserError(f"--data-dir {self.data_dir} exists and is not a directory")
         check_port_free(self.host, self.prefect_port, "--prefect-port")
@@ -533,6 +558,28 @@ class Services:
     def _client_env(self) -> dict[str, str]:
         return {**self._base_env(), **self.env, "PREFECT_CLI_PROMPT": "false"}
 
+    def _worker_env(self) -> dict[str, str]:
+        env = self._client_env()
+        env.setdefault("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS)  # the user's setting wins
+        return env
+
+    # Workers -----------------------------------------------------------------------------------
+    @property
+    def worker_names(self) -> list[str]:
+        """The names our workers register with (none with worker=False)."""
+        return worker_names(self.workers) if self.workers else []
+
+    def _worker_slots(self) -> list[tuple[str, str, Path]]:
+        """(child key, worker name, log file) per worker: 'worker'/worker.log for the only one (as
+        always), else 'worker-1'/worker-1.log, ..."""
+        names = self.worker_names
+        if len(names) == 1:
+            return [("worker", names[0], self.log_dir / "worker.log")]
+        return [(f"worker-{i}", name, self.log_dir / f"worker-{i}.log") for i, name in enumerate(names, 1)]
+
+    def _worker_children(self) -> list[_Child | None]:
+        return [self._children.get(key) for key, _, _ in self._worker_slots()]
+
     # Lifecycle ---------------------------------------------------------------------------------
     def start(self, stop_event: threading.Event | None = None) -> Services:
         """Start everything and wait until healthy. KeyboardInterrupt if `stop_event` is set meanwhile."""
@@ -574,7 +621,8 @@ class Services:
             "prefect": f"{self.prefect_api_url}/health",
             "mlflow": f"{self.mlflow_url}/health",
         }
-        pending = ["prefect", "mlflow", "pool"] + (["worker"] if self.worker else [])
+        slots = self._worker_slots()
+        pending = ["prefect", "mlflow", "pool"] + [key for key, _, _ in slots]
         deadline = t0 + self.timeout
         worker_started_at: datetime | None = None
         while pending:
@@ -613,25 +661,25 @@ class Services:
                     self._log(
                         f"work pool {self.work_pool!r} (process) is ready ({time.monotonic() - t0:.1f} s)"
                     )
-                    if self.worker:
-                        worker_started_at = datetime.now().astimezone() - timedelta(seconds=1)
-                        self._children["worker"] = _spawn(
-                            "Prefect worker",
-                            worker_command(self.work_pool, WORKER_NAME),
-                            env=self._client_env(),
+                    worker_started_at = datetime.now().astimezone() - timedelta(seconds=1)
+                    for key, name, log in slots:
+                        self._children[key] = _spawn(
+                            f"Prefect worker {name!r}",
+                            worker_command(self.work_pool, name, self.worker_limit),
+                            env=self._worker_env(),
                             cwd=Path.cwd(),
-                            log=self.log_dir / "worker.log",
+                            log=log,
                             death_signal=signal.SIGKILL if self._die_with_parent else None,
                         )
-            if (
-                "worker" in pending
-                and worker_started_at is not None
-                and self._worker_online(worker_started_at)
-            ):
-                pending.remove("worker")
-                self._log(
-                    f"worker {WORKER_NAME!r} is polling {self.work_pool!r} ({time.monotonic() - t0:.1f} s)"
-                )
+            waiting = [(key, name) for key, name, _ in slots if key in pending]
+            if waiting and worker_started_at is not None:
+                online = self._online_workers(worker_started_at)
+                for key, name in waiting:
+                    if name in online:
+                        pending.remove(key)
+                        self._log(
+                            f"worker {name!r} is polling {self.work_pool!r} ({time.monotonic() - t0:.1f} s)"
+                        )
             if pending and time.monotonic() > deadline:
                 raise self._timeout_error(pending[0], health)
             if pending:
@@ -646,43 +694,51 @@ class Services:
             message = f"creating work pool {self.work_pool!r} did not finish within {self.timeout:.0f} s"
             child = child or self._children["prefect"]
         else:
+            name = dict((key, name) for key, name, _ in self._worker_slots()).get(what, what)
             message = (
-                f"the Prefect worker did not come online in pool {self.work_pool!r} "
+                f"the Prefect worker {name!r} did not come online in pool {self.work_pool!r} "
                 f"within {self.timeout:.0f} s"
             )
         return ServiceError(f"{message}; {child.tail() if child else ''}")
 
-    def worker_status(self) -> dict | None:
-        """The Prefect server's record of our worker (name, status, last_heartbeat_time), or None."""
+    def worker_statuses(self) -> dict[str, dict]:
+        """The Prefect server's records of our workers (name, status, last_heartbeat_time), by name."""
         pool = urllib.parse.quote(self.work_pool, safe="")
         try:
             workers = _http(f"{self.prefect_api_url}/work_pools/{pool}/workers/filter", body={})
         except (OSError, ValueError, http.client.HTTPException):
-            return None
-        for worker in workers if isinstance(workers, list) else []:
-            if worker.get("name") == WORKER_NAME:
-                return worker
-        return None
+            return {}
+        ours = set(self.worker_names)
+        return {w["name"]: w for w in (workers if isinstance(workers, list) else []) if w.get("name") in ours}
 
-    def _worker_online(self, since: datetime) -> bool:
-        worker = self.worker_status()
-        if not worker or worker.get("status") != "ONLINE" or not worker.get("last_heartbeat_time"):
-            return False
-        try:
-            beat = datetime.fromisoformat(worker["last_heartbeat_time"])
-        except ValueError:
-            return False
-        return beat >= since  # a fresh heartbeat, not one left from a previous start
+    def worker_status(self) -> dict | None:
+        """The server's record of our (first) worker, or None."""
+        names = self.worker_names
+        return self.worker_statuses().get(names[0]) if names else None
+
+    def _online_workers(self, since: datetime) -> set[str]:
+        """Our workers that are ONLINE with a heartbeat since `since` (not one left from a previous start)."""
+        online = set()
+        for name, worker in self.worker_statuses().items():
+            if worker.get("status") != "ONLINE" or not worker.get("last_heartbeat_time"):
+                continue
+            try:
+                beat = datetime.fromisoformat(worker["last_heartbeat_time"])
+            except ValueError:
+                continue
+            if beat >= since:
+                online.add(name)
+        return online
 
     def failed(self) -> list[_Child]:
         """Long-running children that have exited (they should not while started)."""
         return [c for key, c in self._children.items() if key != "pool" and not c.alive]
 
     def stop(self) -> float:
-        """Stop the worker first, then both servers; returns the seconds it took. Idempotent."""
+        """Stop the workers (all at once), then both servers; returns the seconds it took. Idempotent."""
         t0 = time.monotonic()
         if self._children:
-            _terminate([self._children.get("worker"), self._children.get("pool")], WORKER_STOP_SCHEDULE)
+            _terminate([*self._worker_children(), self._children.get("pool")], WORKER_STOP_SCHEDULE)
             _terminate([self._children.get("prefect"), self._children.get("mlflow")], SERVER_STOP_SCHEDULE)
             self._children.clear()
         if self._lock_file is not None:
@@ -748,6 +804,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-worker", action="store_true", help="create the work pool but start no worker")
     parser.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help=f"process workers to start (default: %(default)s, named {WORKER_NAME!r}; with N > 1 "
+        f"{WORKER_NAME}-1 .. -N), e.g. 2 to spread `sngp sweep --runner workpool` over two",
+    )  # fmt: skip
+    parser.add_argument(
+        "--worker-limit", type=int, default=DEFAULT_WORKER_LIMIT, metavar="K",
+        help="flow runs each worker runs at once (default: %(default)s; 0: no limit, Prefect's default, "
+        "where one worker takes every scheduled run it sees). Workers poll every "
+        f"{WORKER_QUERY_SECONDS} s unless PREFECT_WORKER_QUERY_SECONDS is set",
+    )  # fmt: skip
+    parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
         help="how long to wait for everything to come up (default: %(default)s)",
     )  # fmt: skip
@@ -767,6 +834,8 @@ def main(args: argparse.Namespace) -> int:
         prefect_db_url=args.prefect_db or os.environ.get(PREFECT_DB_URL_ENV) or None,
         work_pool=args.work_pool,
         worker=not args.no_worker,
+        workers=args.workers,
+        worker_limit=args.worker_limit or None,  # 0: no limit
         timeout=args.timeout,
         log=_say,
     )
@@ -794,7 +863,8 @@ def main(args: argparse.Namespace) -> int:
                     flush=True,
                 )
                 return 1
-        _say(f"received {signal.Signals(received[0]).name}, stopping the worker, then the servers")
+        what = "workers" if services.workers > 1 else "worker"
+        _say(f"received {signal.Signals(received[0]).name}, stopping the {what}, then the servers")
     finally:
         seconds = services.stop()
         for sig, handler in previous.items():
@@ -804,7 +874,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _print_ready(services: Services) -> None:
-    worker = f", worker {WORKER_NAME!r}" if services.worker else " (no worker: --no-worker)"
+    names = services.worker_names
+    limit = (
+        f"{services.worker_limit} flow run{'s' if services.worker_limit != 1 else ''} at a time"
+        if services.worker_limit
+        else "no limit on flow runs"
+    )
+    if not names:
+        worker = " (no worker: --no-worker)"
+    elif len(names) == 1:
+        worker = f", worker {names[0]!r} ({limit})"
+    else:
+        worker = f", workers {', '.join(repr(n) for n in names)} ({limit} each)"
     lines = [
         f"all services are up ({services.startup_seconds:.1f} s)",
         "",

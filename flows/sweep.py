@@ -8,6 +8,13 @@ the code, exactly like the pipeline's tasks. The flow runs on whatever task runn
 Prefect's thread pool on one machine, or Dask (`prefect-dask`'s DaskTaskRunner) on a local cluster of
 worker processes or an existing cluster (see flows/sweep_command.py and the README).
 
+With a `deployment` (`sngp sweep --runner workpool`) each point is instead its own flow run of the
+`sweep-point` flow (flows/sweep_point_flow.py, deployment `sweep-point/pool` in prefect.yaml) on a
+Prefect work pool: a mapped `dispatch-point` task per point creates the flow run, waits for it and
+reads its result (a JSON file in the shared cache folder), so the pool's workers share the points
+while this flow still records everything. The point flow calls the same cached `sweep-point` task,
+so a point computed by any runner is a cache hit for the others.
+
 MLflow is written from the flow's own thread only (its fluent API is not thread-safe): one parent run
 per sweep (the base config and the sweep spec as params, `sweep.yaml`, `sweep_results.csv`, summary
 plots `plots/sweep_<metric>.png`) and one nested run per point (its settings, seed, model settings,
@@ -36,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import CompoundCachePolicy, Inputs
+from prefect.cache_policies import NO_CACHE, CompoundCachePolicy, Inputs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flows.config import ConfigError, Method, PipelineConfig, load_config, validate_config
@@ -389,8 +396,8 @@ def check_shared_cache(data_path: str) -> None:
     if not Path(data_path).is_file():
         raise RuntimeError(
             f"worker {socket.gethostname()} cannot see the sweep's data file {data_path}: every Dask "
-            f"worker must share the sweep's cache folder {expected} (start workers with SNGP_CACHE_DIR="
-            f"{expected} on a shared file system)"
+            f"worker or work-pool worker must share the sweep's cache folder {expected} (start workers "
+            f"with SNGP_CACHE_DIR={expected} on a shared file system)"
         )
     if cache_root() != expected.resolve():
         raise RuntimeError(
@@ -417,6 +424,82 @@ def point_task():
 
 
 # ----------------------------------------------------------------------------------------------------
+# One point as a flow run on a work pool (`sngp sweep --runner workpool`)
+# ----------------------------------------------------------------------------------------------------
+
+# Points dispatched at once (threads waiting for their flow runs); the pool's workers decide how many run.
+MAX_DISPATCHED = 64
+
+
+def point_result_path(flow_run_id: Any) -> Path:
+    """Where the sweep-point flow run `flow_run_id` leaves its result for the sweep (shared cache folder)."""
+    return cache_root() / "sweeps" / "points" / f"{flow_run_id}.json"
+
+
+def dispatch_poll_seconds(points: int) -> float:
+    """How often each waiting dispatch task polls its flow run: ~8 requests/s to the server in all."""
+    return max(1.0, min(min(points, MAX_DISPATCHED) / 8, 10.0))
+
+
+class FlowRunFailed(RuntimeError):
+    """A point's flow run on the work pool did not complete (the message says where and why)."""
+
+
+@task(
+    name="dispatch-point",
+    task_run_name="dispatch-{label}",
+    cache_policy=NO_CACHE,  # the point flow's own task is cached; a dispatch always asks the pool
+    persist_result=False,
+)
+def dispatch_point(
+    label: str,
+    method: str,
+    model_config: dict,
+    data_path: str,
+    deployment: str,
+    code_version: str = CODE_VERSION,
+    poll_seconds: float = 2.0,
+) -> dict:
+    """Run one point as a flow run of `deployment` (the sweep-point flow) on its work pool, wait for it
+    and return its result: sweep_point's dict plus `cached`, `prefect_worker`, `flow_run_id`.
+
+    The flow run gets this sweep's cache folder (SNGP_CACHE_DIR, through the job's environment), so its
+    worker reads the sweep's data file and shares the cache; it fails if it sees another folder."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(
+        name=deployment,
+        parameters={
+            "label": label,
+            "method": method,
+            "model_settings": model_config,
+            "data_path": data_path,
+            "code_version": code_version,
+        },
+        job_variables={"env": {"SNGP_CACHE_DIR": str(cache_root())}},
+        flow_run_name=label,
+        timeout=None,  # wait for as long as the point takes (or waits for a free worker)
+        poll_interval=poll_seconds,
+    )
+    state = flow_run.state
+    worker = (flow_run.labels or {}).get("prefect.worker.name")
+    where = f"flow run {flow_run.name!r} ({flow_run.id})" + (f" on worker {worker}" if worker else "")
+    if state is None or not state.is_completed():
+        name = state.name if state is not None else "without a state"
+        raise FlowRunFailed(f"{where} ended {name}: {state.message if state is not None else ''}".rstrip())
+    path = point_result_path(flow_run.id)
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FlowRunFailed(
+            f"{where} completed but its result {path} cannot be read ({exc}): the workers must share "
+            f"the sweep's cache folder {cache_root()}"
+        ) from None
+    result["prefect_worker"] = result.get("prefect_worker") or worker or ""
+    return {**result, "flow_run_id": str(flow_run.id)}
+
+
+# ----------------------------------------------------------------------------------------------------
 # The flow
 # ----------------------------------------------------------------------------------------------------
 
@@ -429,12 +512,16 @@ class Outcome:
     cached: bool = False
     run_id: str = ""
     error: str = ""
-    worker: str = ""
+    worker: str = ""  # host:pid of the process that ran the point
+    prefect_worker: str = ""  # the work-pool worker whose flow run it was (runner workpool)
 
 
 @flow(name="sweep", log_prints=True)
-def sweep(spec: SweepSpec, base: PipelineConfig) -> dict[str, Any]:
-    """A hyperparameter sweep: every point a mapped, cached train + evaluate task, recorded in MLflow."""
+def sweep(spec: SweepSpec, base: PipelineConfig, deployment: str | None = None) -> dict[str, Any]:
+    """A hyperparameter sweep: every point a mapped, cached train + evaluate task, recorded in MLflow.
+
+    `deployment` (a sweep-point deployment, e.g. 'sweep-point/pool'): run each point as a flow run of
+    it on its work pool instead of as a task of this flow."""
     # MLflow and the pipeline are imported here, not at module level: Dask workers import this module
     # to run sweep_point and need neither.
     import mlflow as mlf
@@ -484,12 +571,20 @@ def sweep(spec: SweepSpec, base: PipelineConfig) -> dict[str, Any]:
         runnable = [p for p in points if p.id in prepared]
         futures = {}
         if runnable:
-            mapped = point_task().map(
-                label=[f"{p.id} {p.label}" for p in runnable],
-                method=[p.method for p in runnable],
-                model_config=[prepared[p.id][0] for p in runnable],
-                data_path=[prepared[p.id][1] for p in runnable],
-            )
+            inputs = {
+                "label": [f"{p.id} {p.label}" for p in runnable],
+                "method": [p.method for p in runnable],
+                "model_config": [prepared[p.id][0] for p in runnable],
+                "data_path": [prepared[p.id][1] for p in runnable],
+            }
+            if deployment:
+                mapped = dispatch_point.map(
+                    **inputs,
+                    deployment=unmapped(deployment),
+                    poll_seconds=unmapped(dispatch_poll_seconds(len(runnable))),
+                )
+            else:
+                mapped = point_task().map(**inputs)
             futures = dict(zip((p.id for p in runnable), mapped))
 
         outcomes = []
@@ -592,10 +687,16 @@ def record_point(point, prepared, future, build_error, experiment_id, started_ru
             )
             raise PointFailed(f"task ended {state.name}: {text}")
         result = future.result()
-        outcome.cached = state.name == "Cached"
+        # A point run on the work pool reports whether its own sweep-point task was a cache hit.
+        outcome.cached = bool(result["cached"]) if "cached" in result else state.name == "Cached"
         outcome.metrics = result["metrics"]
         outcome.worker = f"{result['host']}:{result['pid']}"
-        mlf.set_tags({"cached": str(outcome.cached).lower(), "sweep.worker": outcome.worker})
+        tags = {"cached": str(outcome.cached).lower(), "sweep.worker": outcome.worker}
+        if result.get("flow_run_id"):
+            outcome.prefect_worker = result.get("prefect_worker") or ""
+            tags["sweep.flow_run_id"] = result["flow_run_id"]
+            tags["sweep.prefect_worker"] = outcome.prefect_worker
+        mlf.set_tags(tags)
         tracking.log_curves(result["history"])
         mlf.log_metrics(result["metrics"])
         mlf.end_run("FINISHED")
@@ -625,6 +726,7 @@ def outcome_dict(o: Outcome) -> dict[str, Any]:
         "run_id": o.run_id,
         "error": o.error,
         "worker": o.worker,
+        "prefect_worker": o.prefect_worker,
     }
 
 
@@ -833,11 +935,12 @@ def prefect_api():
         server.stop()
 
 
-def run_sweep(spec: SweepSpec, base: PipelineConfig, task_runner=None):
-    """Run the sweep flow on `task_runner` (default: the flow's own) -> (final state, wall seconds)."""
+def run_sweep(spec: SweepSpec, base: PipelineConfig, task_runner=None, deployment: str | None = None):
+    """Run the sweep flow on `task_runner` (default: the flow's own), its points as flow runs of
+    `deployment` if given -> (final state, wall seconds)."""
     os.environ["SNGP_CACHE_DIR"] = str(cache_root())  # absolute, inherited by local worker processes
     flow_ = sweep.with_options(task_runner=task_runner) if task_runner is not None else sweep
     started = time.perf_counter()
     with prefect_api():
-        state = flow_(spec=spec, base=base, return_state=True)
+        state = flow_(spec=spec, base=base, deployment=deployment, return_state=True)
     return state, time.perf_counter() - started

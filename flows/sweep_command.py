@@ -1,4 +1,5 @@
-"""`sngp sweep`: run a sweep file's points as mapped tasks on a thread pool or a Dask cluster."""
+"""`sngp sweep`: run a sweep file's points as mapped tasks on a thread pool or a Dask cluster, or as
+flow runs on a Prefect work pool."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from urllib.parse import urlparse
 from flows.cli import UserError
 from flows.config import ConfigError
 
-HELP = "Run a hyperparameter sweep (conf/sweep_*.yaml) on a thread pool or a Dask cluster."
+HELP = "Run a hyperparameter sweep (conf/sweep_*.yaml) on a thread pool, a Dask cluster or a work pool."
+DEFAULT_DEPLOYMENT = "sweep-point/pool"  # prefect.yaml; registered by `make deploy`
+POINT_FLOW = "sweep-point"  # flows/sweep_point_flow.py
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,10 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--runner",
-        choices=("thread", "dask"),
+        choices=("thread", "dask", "workpool"),
         default=None,
         help="where the points run: 'thread' (default) = a thread pool in this process; 'dask' = Dask "
-        "workers (a local cluster started for the run, or --dask-address)",
+        "workers (a local cluster started for the run, or --dask-address); 'workpool' = one flow run "
+        "per point on the Prefect work pool of --deployment (needs PREFECT_API_URL: 'sngp serve "
+        "--workers 2', then 'make deploy')",
     )
     parser.add_argument(
         "--threads", metavar="N", type=int, default=2, help="thread runner: points run at once (default 2)"
@@ -45,6 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--runner dask without --dask-address: worker processes of the local cluster (default 2)",
     )
     parser.add_argument(
+        "--deployment",
+        metavar="FLOW/NAME",
+        default=None,
+        help=f"--runner workpool: the sweep-point deployment whose work pool runs the points (default "
+        f"{DEFAULT_DEPLOYMENT}; implies --runner workpool); its workers must share this sweep's cache "
+        "folder (each point's flow run gets SNGP_CACHE_DIR)",
+    )
+    parser.add_argument(
         "--tracking-uri",
         metavar="URI",
         default=None,
@@ -55,18 +68,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir",
         metavar="DIR",
         default=None,
-        help="cache folder (default: $SNGP_CACHE_DIR, else ./.sngp_cache); Dask workers must share it",
+        help="cache folder (default: $SNGP_CACHE_DIR, else ./.sngp_cache); Dask and work-pool workers must "
+        "share it",
     )
     parser.epilog = (
         "Results: one MLflow parent run (sweep.yaml, sweep_results.csv, plots/sweep_<metric>.png) with a "
-        "nested run per point. Exit code 1 if any point failed (the others still finish), 2 for a bad "
-        "sweep file or options."
+        "nested run per point, whichever runner computed it (with --runner workpool each point is also a "
+        "flow run of the sweep-point deployment, tagged with its worker). Exit code 1 if any point failed "
+        "(the others still finish), 2 for a bad sweep file or options."
     )
 
 
-def choose_runner(args: argparse.Namespace):
-    """(task runner, description) from the options; UserError for combinations that clash."""
-    runner = args.runner or ("dask" if args.dask_address or args.dask_workers else "thread")
+def runner_kind(args: argparse.Namespace) -> str:
+    """'thread', 'dask' or 'workpool' from the options; UserError for combinations that clash."""
+    runner = args.runner or (
+        "workpool" if args.deployment else "dask" if args.dask_address or args.dask_workers else "thread"
+    )
+    if args.deployment and runner != "workpool":
+        raise UserError("--deployment needs --runner workpool (or leave --runner out)")
+    if runner == "workpool" and (args.dask_address or args.dask_workers):
+        raise UserError("--dask-address/--dask-workers need --runner dask, not --runner workpool")
+    return runner
+
+
+def choose_runner(args: argparse.Namespace, points: int = 1):
+    """(task runner, description) from the options; UserError for combinations that clash.
+
+    Runner workpool: a thread pool of this process whose tasks dispatch the points to the work pool
+    and wait for them (one thread per point, at most flows.sweep.MAX_DISPATCHED)."""
+    runner = runner_kind(args)
+    if runner == "workpool":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        from flows.sweep import MAX_DISPATCHED
+
+        deployment = args.deployment or DEFAULT_DEPLOYMENT
+        pool, online = check_deployment(deployment)
+        if not online:
+            print(
+                f"sngp sweep: warning: no worker of work pool {pool!r} is online; the points wait until "
+                "one starts (e.g. sngp serve --workers 2)",
+                file=sys.stderr,
+            )
+        workers = f"{len(online)} worker{'s' if len(online) != 1 else ''} online"
+        runner_ = ThreadPoolTaskRunner(max_workers=max(1, min(points, MAX_DISPATCHED)))
+        return runner_, f"work pool {pool!r} via deployment {deployment} ({workers})"
     if runner == "thread":
         if args.dask_address or args.dask_workers:
             raise UserError("--dask-address/--dask-workers need --runner dask (or leave --runner out)")
@@ -109,6 +155,55 @@ def _quiet_dask() -> None:
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
+def check_deployment(name: str) -> tuple[str, list[str]]:
+    """Fail fast, in one line, unless PREFECT_API_URL reaches a server that has the sweep-point
+    deployment `name`; -> (its work pool, names of the pool's online workers)."""
+    from prefect.settings import PREFECT_API_URL
+
+    fix = (
+        "start the servers with 'sngp serve --workers 2', export the PREFECT_API_URL it prints, "
+        "then 'make deploy'"
+    )
+    flow_name, _, deployment_name = name.partition("/")
+    if not flow_name or not deployment_name or "/" in deployment_name:
+        raise UserError(f"--deployment must be FLOW/DEPLOYMENT, e.g. {DEFAULT_DEPLOYMENT} (got {name!r})")
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise UserError(f"--runner workpool needs a Prefect server and PREFECT_API_URL is not set: {fix}")
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+        if error is not None:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise UserError(f"no Prefect server answers at PREFECT_API_URL={url} ({reason}): {fix}")
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise UserError(
+                f"deployment {name!r} does not exist on the Prefect server at {url}: register it with "
+                "'make deploy' (with PREFECT_API_URL exported)"
+            ) from None
+        flow = client.read_flow(deployment.flow_id)
+        if flow.name != POINT_FLOW:
+            raise UserError(
+                f"deployment {name!r} runs flow {flow.name!r}, not {POINT_FLOW!r}: use a deployment of "
+                f"flows/sweep_point_flow.py, e.g. {DEFAULT_DEPLOYMENT}"
+            )
+        pool = deployment.work_pool_name
+        if not pool:
+            raise UserError(f"deployment {name!r} has no work pool: register it with 'make deploy'")
+        try:
+            workers = client.read_workers_for_work_pool(pool)
+        except ObjectNotFound:
+            raise UserError(
+                f"work pool {pool!r} of deployment {name!r} does not exist: 'sngp serve' or 'make deploy' "
+                "creates it"
+            ) from None
+    return pool, sorted(w.name for w in workers if str(getattr(w.status, "value", w.status)) == "ONLINE")
+
+
 def check_scheduler(address: str) -> None:
     """Fail fast, in one line, when nothing listens at a tcp:// scheduler address."""
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
@@ -137,10 +232,12 @@ def main(args: argparse.Namespace) -> int:
         spec, base = load_sweep(args.config, extra)
     except (SweepError, ConfigError) as exc:
         raise UserError(str(exc)) from None
-    task_runner, where = choose_runner(args)
+    points = len(expand(spec))
+    deployment = (args.deployment or DEFAULT_DEPLOYMENT) if runner_kind(args) == "workpool" else None
+    task_runner, where = choose_runner(args, points)
     terminate_on_sigterm()
-    print(f"Sweep {args.config}: {len(expand(spec))} points on {where}")
-    state, seconds = run_sweep(spec, base, task_runner)
+    print(f"Sweep {args.config}: {points} points on {where}")
+    state, seconds = run_sweep(spec, base, task_runner, deployment)
     if not state.is_completed():
         try:
             state.result()
@@ -196,6 +293,15 @@ def print_summary(spec, summary: dict, seconds: float, where: str) -> None:
         print(f"{len(failed)} of {len(points)} points failed:")
         for p in failed:
             print(f"  {p['id']} {p['label']}: {p['error']}")
+    served = {}
+    for p in points:
+        if p.get("prefect_worker"):
+            served.setdefault(p["prefect_worker"], []).append(p["id"])
+    if served:
+        print()
+        print("Work-pool workers:")
+        for worker, ids in sorted(served.items()):
+            print(f"  {worker}: {', '.join(ids)}")
     print()
     print(f"Table: {summary['csv']}")
     print(f"Plots: {summary['summary_png']}")

@@ -21,7 +21,11 @@ from flows.config import PipelineConfig, validate_config
 from flows.serve import DEFAULT_WORK_POOL
 
 ROOT = Path(__file__).resolve().parent.parent
-FLOW_NAMES = {"flows/pipeline.py": "uncertainty-pipeline", "flows/retrain.py": "retrain"}
+FLOW_NAMES = {
+    "flows/pipeline.py": "uncertainty-pipeline",
+    "flows/retrain.py": "retrain",
+    "flows/sweep_point_flow.py": "sweep-point",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def _makefile_default(name: str) -> str:
 
 
 def test_prefect_yaml_parses_and_lists_the_deployments(project, deployments):
-    assert set(deployments) == {"default", "smoke", "nightly"}
+    assert set(deployments) == {"default", "smoke", "nightly", "pool"}
     assert project["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SNGP_PROJECT_DIR }}"}}
     ]  # filled in by `make deploy`, never a path of one machine
@@ -77,7 +81,7 @@ def test_nightly_deployment_has_a_cron_schedule(deployments, monkeypatch):
     assert deployments["nightly"]["parameters"] == {}
 
 
-@pytest.mark.parametrize("name", ["default", "smoke", "nightly"])
+@pytest.mark.parametrize("name", ["default", "smoke", "nightly", "pool"])
 def test_entrypoint_resolves_to_the_flow(deployments, name):
     path, _, attribute = deployments[name]["entrypoint"].partition(":")
     assert (ROOT / path).is_file(), path
@@ -93,3 +97,17 @@ def test_every_deployment_uses_the_served_work_pool(deployments):
     pool = _makefile_default("SNGP_WORK_POOL")
     assert pool == DEFAULT_WORK_POOL
     assert {d["work_pool"]["name"] for d in deployments.values()} == {pool}
+
+
+def test_sweep_point_deployment_is_the_one_sngp_sweep_dispatches_to(deployments):
+    from flows.sweep_command import DEFAULT_DEPLOYMENT, POINT_FLOW
+
+    pool = deployments["pool"]
+    assert f"{FLOW_NAMES[pool['entrypoint'].partition(':')[0]]}/pool" == DEFAULT_DEPLOYMENT
+    assert POINT_FLOW == "sweep-point" and pool["parameters"] == {} and "schedules" not in pool
+    # Every parameter a dispatched flow run gets is one the flow accepts.
+    from flows.sweep_point_flow import sweep_point_flow
+
+    accepted = set(sweep_point_flow.parameters.properties)
+    assert {"label", "method", "model_settings", "data_path", "code_version"} <= accepted
+    assert set(sweep_point_flow.parameters.required) == {"label", "method", "model_settings", "data_path"}

@@ -343,6 +343,22 @@ def test_an_invalid_point_is_failed_and_the_others_finish(thread_run) -> None:
             ["--dask-address", "tcp://127.0.0.1:1"],
             "no Dask scheduler reachable",
         ),
+        (
+            {"method": "sngp", "grid": {"sngp.num_inducing": [64]}},
+            ["--runner", "workpool"],
+            "--runner workpool needs a Prefect server and PREFECT_API_URL is not set: start the servers "
+            "with 'sngp serve --workers 2'",
+        ),
+        (
+            {"method": "sngp", "grid": {"sngp.num_inducing": [64]}},
+            ["--runner", "thread", "--deployment", "sweep-point/pool"],
+            "--deployment needs --runner workpool",
+        ),
+        (
+            {"method": "sngp", "grid": {"sngp.num_inducing": [64]}},
+            ["--deployment", "pool"],
+            "--deployment must be FLOW/DEPLOYMENT, e.g. sweep-point/pool",
+        ),
     ],
     ids=[
         "unknown-key",
@@ -353,6 +369,9 @@ def test_an_invalid_point_is_failed_and_the_others_finish(thread_run) -> None:
         "unknown-method",
         "thread-with-address",
         "scheduler-unreachable",
+        "workpool-without-server",
+        "deployment-without-workpool",
+        "deployment-not-flow-slash-name",
     ],
 )
 def test_bad_sweep_files_and_options_fail_fast(tmp_path, spec, args, message) -> None:
@@ -364,6 +383,19 @@ def test_bad_sweep_files_and_options_fail_fast(tmp_path, spec, args, message) ->
     assert message in proc.stderr, describe(proc)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_workpool_runner_with_no_server_answering_fails_fast(tmp_path) -> None:
+    """PREFECT_API_URL set, nothing listening: one line naming the URL and the fix (tests/servers/
+    test_sweep_workpool.py runs the work pool for real, and checks unknown deployments there)."""
+    port = _free_port()  # bound and released: nothing listens there
+    env = sngp_env(tmp_path, PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    proc = run_sngp(["sweep", "--config", str(SWEEP), "--runner", "workpool"], cwd=tmp_path, env=env)
+    assert proc.returncode == 2, describe(proc)
+    assert f"no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:{port}/api" in proc.stderr
+    assert "'sngp serve --workers 2'" in proc.stderr and "'make deploy'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.seconds < 60 and not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_setting_multiplies_only_the_points_of_the_methods_it_changes() -> None:

@@ -43,6 +43,12 @@ METRICS = (
 )  # fmt: skip
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 POOL = "sngp-pool"
+DEPLOYMENTS = (
+    "uncertainty-pipeline/default",
+    "uncertainty-pipeline/smoke",
+    "retrain/nightly",
+    "sweep-point/pool",
+)
 REGISTERED = "sngp-uncertainty-sngp"  # <retrain.registry_prefix>-<method>
 START_TIMEOUT = 300.0
 RUN_TIMEOUT = 900.0
@@ -353,7 +359,7 @@ def deploy(stack: Stack, cron: str):
         timeout=600,
     )
     assert proc.returncode == 0, _describe(proc)
-    for name in ("uncertainty-pipeline/default", "uncertainty-pipeline/smoke", "retrain/nightly"):
+    for name in DEPLOYMENTS:
         assert f"Deployment '{name}' successfully" in proc.stdout, _describe(proc)
     return proc
 
@@ -488,7 +494,7 @@ def test_nightly_deployment_has_the_cron_schedule(stack, deployed):
     assert nightly["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
     ]
-    for name in ("uncertainty-pipeline/default", "uncertainty-pipeline/smoke", "retrain/nightly"):
+    for name in DEPLOYMENTS:
         assert _deployment(stack, name)["work_pool_name"] == POOL
     assert _deployment(stack, "uncertainty-pipeline/default")["parameters"] == {}
 
@@ -575,9 +581,7 @@ def test_restart_on_the_same_data_dir_keeps_runs_models_deployments_and_pool(
     before = _snapshot(stack)
     assert {"sngp-smoke"} <= set(before["experiments"])
     assert before["models"][REGISTERED]["aliases"] == {"champion": "3"}
-    assert [name for name, *_ in before["deployments"]] == [
-        "retrain/nightly", "uncertainty-pipeline/default", "uncertainty-pipeline/smoke",
-    ]  # fmt: skip
+    assert [name for name, *_ in before["deployments"]] == sorted(DEPLOYMENTS)
     assert len(before["runs"]) >= 5 + 3 * 2  # smoke parent + 4 children, 3 retrains x (parent + sngp)
 
     code, stop_seconds = stack.stop()

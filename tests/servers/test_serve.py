@@ -330,6 +330,36 @@ def test_port_in_use_fails_fast_with_a_clear_message(tmp_path, busy):
     assert not (tmp_path / "d").exists()  # nothing started, nothing written
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "0"], "--workers must be at least 1 (got 0); use --no-worker for none"),
+        (["--worker-limit", "-1"], "--worker-limit must be at least 1 (got -1)"),
+    ],
+    ids=["no-workers", "negative-limit"],
+)
+def test_bad_worker_options_fail_fast(tmp_path, args, message):
+    prefect_port, mlflow_port = _two_ports()
+    result = subprocess.run(
+        [str(SNGP), "serve", "--data-dir", str(tmp_path / "d"), "--prefect-port", str(prefect_port),
+         "--mlflow-port", str(mlflow_port), *args],
+        capture_output=True, text=True, env=_env(), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"sngp serve: error: {message}"
+    assert not (tmp_path / "d").exists()
+
+
+def test_worker_names_and_commands():
+    assert serve_module.worker_names(1) == ["sngp-serve-worker"]  # the name it always had
+    assert serve_module.worker_names(3) == [f"sngp-serve-worker-{i}" for i in (1, 2, 3)]
+    assert serve_module.worker_command("p", "w", 1)[-4:] == ["--name", "w", "--limit", "1"]
+    assert "--limit" not in serve_module.worker_command("p", "w", None)
+    two = Services("/tmp/unused-sngp-data", workers=2)
+    assert two.worker_names == ["sngp-serve-worker-1", "sngp-serve-worker-2"]
+    assert Services("/tmp/unused-sngp-data", worker=False).worker_names == []
+
+
 def test_unreachable_database_fails_fast_and_hides_the_password(tmp_path):
     prefect_port, mlflow_port = _two_ports()
     closed = free_port()
@@ -449,7 +479,10 @@ def test_compose_starts_what_sngp_serve_starts():
     assert services["work-pool"]["command"] == serve_module.work_pool_command("sngp-pool")
     assert services["work-pool"]["restart"] == "no"
     worker = services["worker"]
-    assert worker["command"] == serve_module.worker_command("sngp-pool", name=None)
+    assert worker["command"] == serve_module.worker_command(
+        "sngp-pool", name=None, limit=serve_module.DEFAULT_WORKER_LIMIT
+    )
+    assert worker["environment"]["PREFECT_WORKER_QUERY_SECONDS"] == serve_module.WORKER_QUERY_SECONDS
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert worker["depends_on"]["work-pool"]["condition"] == "service_completed_successfully"

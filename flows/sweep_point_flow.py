@@ -1,0 +1,70 @@
+"""The `sweep-point` flow: one point of a sweep as its own flow run, for `sngp sweep --runner workpool`.
+
+The sweep (flows/sweep.py) runs in the `sngp sweep` process and dispatches one flow run of this flow's
+deployment (`sweep-point/pool` in prefect.yaml, registered by `make deploy`) per point; the work
+pool's workers share them. Each run calls the sweep's own cached `sweep-point` task (point_task(), so
+the same model settings, data file and code are a cache hit whichever runner computed them first),
+and leaves its result for the sweep as JSON in the shared cache folder,
+`<cache>/sweeps/points/<flow run id>.json` (written atomically), so nothing depends on Prefect's
+result storage being shared between machines. The sweep records the point in MLflow; this flow
+writes no MLflow runs.
+
+The result is the task's dict (metrics, training curves, model directory) plus `cached` (was the task
+a cache hit), `prefect_worker` (the worker that ran this flow run: PREFECT__WORKER_NAME, set by
+Prefect's process worker), and the host and pid of this flow-run process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.sweep import check_shared_cache, point_result_path, point_task
+from tasks.cache import CODE_VERSION, write_atomic
+
+
+@flow(name="sweep-point", persist_result=False, log_prints=True)
+def sweep_point_flow(
+    label: str, method: str, model_settings: dict, data_path: str, code_version: str | None = None
+) -> dict:
+    """Train and evaluate one sweep point (cached), for a sweep running elsewhere: see the module doc.
+
+    `model_settings`: the point's library settings (sweep_point's `model_config`; a flow parameter
+    cannot be called model_config, a name pydantic reserves). `code_version`: the sweep's
+    (tasks.cache.CODE_VERSION); a worker running other code fails the point instead of computing it
+    with different code."""
+    logger = get_run_logger()
+    worker = os.environ.get("PREFECT__WORKER_NAME", "")
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    if code_version is not None and code_version != CODE_VERSION:
+        raise RuntimeError(
+            f"worker {worker or where} runs other code (code version {CODE_VERSION}) than the sweep "
+            f"({code_version}): bring the worker's checkout (the deployment's SNGP_PROJECT_DIR) and the "
+            "sweep's to the same code"
+        )
+    check_shared_cache(data_path)  # the data file and the cache folder of the sweep, before any work
+    state = point_task()(
+        label=label, method=method, model_config=model_settings, data_path=data_path, return_state=True
+    )
+    result = state.result()  # raises (and so fails this flow run) if the task failed
+    record = {
+        **result,
+        "cached": state.name == "Cached",
+        "prefect_worker": worker,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    run_id = flow_run.get_id()
+    if run_id:
+        path = point_result_path(run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(record, default=float)  # numpy scalars in curves -> floats
+        write_atomic(path, lambda tmp: tmp.write_text(text))
+    logger.info(
+        "%s: %s on %s (%s)", label, "cached" if record["cached"] else "computed", worker or "no worker", where
+    )
+    return record
