@@ -19,11 +19,14 @@ SECONDS = (
     "warm_seconds",
     "baseline_ensemble_seconds",
     "ensemble_seconds",
+    "cold_flow_run_seconds",
+    "warm_flow_run_seconds",
 )
 RATIOS = {
     "cold_over_baseline": ("cold_seconds", "baseline_seconds"),
     "warm_over_cold": ("warm_seconds", "cold_seconds"),
     "ensemble_over_baseline": ("ensemble_seconds", "baseline_ensemble_seconds"),
+    "warm_over_cold_flow_run": ("warm_flow_run_seconds", "cold_flow_run_seconds"),
 }
 
 
