@@ -107,8 +107,9 @@ class UncertaintyModel:
 
     def _compiled_predict(self):
         if self._predict_fn is None:
+            # autograph=False: plain tensor code, nothing to convert (see training.fit_network's loop)
             @tf.function(input_signature=[tf.TensorSpec([None, self.input_dim], tf.float32),
-                                          tf.TensorSpec([], tf.int64)])
+                                          tf.TensorSpec([], tf.int64)], autograph=False)
             def predict(x, batch_index):
                 probs = self._batch_probs(x, batch_index)
                 return probs, _uncertainty(probs)

@@ -47,17 +47,26 @@ def fit_network(
     batch_size, seed = config.batch_size, tf.constant(config.seed, tf.int64)
     optimizer._create_all_weights(variables)  # Adam's slots exist before the loop below is traced
 
-    @tf.function
+    @tf.function(
+        input_signature=[tf.TensorSpec([members, n], tf.int64), tf.TensorSpec([], tf.int64)],
+        autograph=False,
+    )
     def train_epoch(order: tf.Tensor, first_step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """One epoch in one graph call: AutoGraph turns the loop over mini-batches into a tf.while_loop,
-        so there is no per-batch Python overhead and one host sync per epoch (benchmarks/
-        train_variants.py: 20-30% faster than one tf.function call per batch, identical weights)."""
-        loss_sum, correct_sum = tf.constant(0.0), tf.constant(0.0)
-        for s in tf.range(steps):
+        """One epoch in one graph call: a tf.while_loop over the mini-batches, so there is no per-batch
+        Python overhead and one host sync per epoch (benchmarks/train_variants.py: 20-30% faster than one
+        tf.function call per batch, identical weights). The loop is written out rather than left to
+        AutoGraph: AutoGraph reads this file's source while tracing, and when that fails (it did, rarely,
+        with three models tracing in threads of one process) it silently runs the function unconverted,
+        which then fails on `for s in tf.range(...)`."""
+
+        def body(s, loss_sum, correct_sum):
             index = order[:, s * batch_size : (s + 1) * batch_size]
             batch_loss, correct = train_step(index, tf.stack([seed, first_step + tf.cast(s, tf.int64)]))
             loss_sum += batch_loss * tf.cast(tf.shape(index)[1], tf.float32)
-            correct_sum += correct
+            return s + 1, loss_sum, correct_sum + correct
+
+        start = (tf.constant(0), tf.constant(0.0), tf.constant(0.0))
+        _, loss_sum, correct_sum = tf.while_loop(lambda s, *_: s < steps, body, start)
         return loss_sum, correct_sum
 
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
