@@ -19,14 +19,30 @@ ALL_METHODS = METHODS + EXTRA_METHODS
 
 # Fields that change what a given method learns or predicts. Used to key caches so that changing one
 # method's setting retrains only that method.
-_COMMON = ("num_classes", "num_layers", "num_hidden", "dropout_rate", "epochs", "batch_size",
-           "learning_rate", "seed")
+_COMMON = (
+    "num_classes",
+    "num_layers",
+    "num_hidden",
+    "dropout_rate",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "seed",
+)
 RELEVANT_FIELDS = {
     "deterministic": _COMMON,
     "mc_dropout": _COMMON + ("num_mc_samples",),
     "deep_ensemble": _COMMON + ("ensemble_size",),
-    "sngp": _COMMON + ("spec_norm_bound", "spec_norm_iterations", "num_inducing", "gp_cov_momentum",
-                       "gp_cov_ridge_penalty", "gp_kernel_scale", "mean_field_factor"),
+    "sngp": _COMMON
+    + (
+        "spec_norm_bound",
+        "spec_norm_iterations",
+        "num_inducing",
+        "gp_cov_momentum",
+        "gp_cov_ridge_penalty",
+        "gp_kernel_scale",
+        "mean_field_factor",
+    ),
     "exact_gp": ("num_classes", "seed", "gp_max_train"),
 }
 
@@ -89,8 +105,11 @@ class ModelConfig:
             ("spec_norm_bound", self.spec_norm_bound > 0, "must be > 0"),
             ("spec_norm_iterations", self.spec_norm_iterations >= 1, "must be an integer >= 1"),
             ("num_inducing", self.num_inducing >= 1, "must be an integer >= 1"),
-            ("gp_cov_momentum", self.gp_cov_momentum == -1.0 or 0.0 < self.gp_cov_momentum < 1.0,
-             "must be -1 (exact sum over an epoch) or in (0, 1)"),
+            (
+                "gp_cov_momentum",
+                self.gp_cov_momentum == -1.0 or 0.0 < self.gp_cov_momentum < 1.0,
+                "must be -1 (exact sum over an epoch) or in (0, 1)",
+            ),
             ("gp_cov_ridge_penalty", self.gp_cov_ridge_penalty > 0, "must be > 0"),
             ("gp_kernel_scale", self.gp_kernel_scale > 0, "must be > 0"),
             ("mean_field_factor", self.mean_field_factor >= 0, "must be >= 0 (0 disables the adjustment)"),

@@ -97,11 +97,19 @@ def make_digits_dataset(
         return ((x - mean) / std).astype(np.float32)
 
     return DigitsData(
-        x_train=standardise(x_train), y_train=y_train.astype(np.int64),
-        x_test=standardise(x_test), y_test=y_test.astype(np.int64),
-        x_grid=None, x_ood=standardise(x_all[~is_known]), grid_shape=None, x_range=None, y_range=None,
-        num_classes=len(known), known_classes=known,
+        x_train=standardise(x_train),
+        y_train=y_train.astype(np.int64),
+        x_test=standardise(x_test),
+        y_test=y_test.astype(np.int64),
+        x_grid=None,
+        x_ood=standardise(x_all[~is_known]),
+        grid_shape=None,
+        x_range=None,
+        y_range=None,
+        num_classes=len(known),
+        known_classes=known,
         ood_classes=tuple(d for d in range(NUM_DIGITS) if d not in known),
         y_ood_digit=y_all[~is_known].copy(),
-        feature_mean=mean.astype(np.float32), feature_std=std.astype(np.float32),
+        feature_mean=mean.astype(np.float32),
+        feature_std=std.astype(np.float32),
     )

@@ -74,8 +74,10 @@ class ExactGPModel:
         y = check_labels(y, x.shape[0], self.config.num_classes)
         x_fit, y_fit = self._subsample(x, y)
         if np.unique(y_fit).size < 2:
-            raise ValueError(f"y: exact_gp needs at least 2 distinct classes in the training labels, "
-                             f"got only {np.unique(y_fit).tolist()}")
+            raise ValueError(
+                f"y: exact_gp needs at least 2 distinct classes in the training labels, "
+                f"got only {np.unique(y_fit).tolist()}"
+            )
         gp = GaussianProcessClassifier(
             kernel=ConstantKernel(1.0) * RBF(self._initial_length_scale(x_fit)),
             random_state=self.config.seed,
@@ -101,9 +103,9 @@ class ExactGPModel:
         unc = np.empty((x.shape[0],), dtype=np.float32)
         with threadpool_limits(limits=1, user_api="blas"):
             for start in range(0, x.shape[0], size):
-                p = self._batch_probs(x[start:start + size])
-                probs[start:start + size] = p
-                unc[start:start + size] = uncertainty_from_probs(p)
+                p = self._batch_probs(x[start : start + size])
+                probs[start : start + size] = p
+                unc[start : start + size] = uncertainty_from_probs(p)
         return Prediction(probs=probs, uncertainty=unc)
 
     def predict_proba(self, x) -> np.ndarray:

@@ -342,8 +342,11 @@ def distance_to_nearest(
     Returns:
         Array of shape ``(N,)`` (float64, >= 0).
     """
-    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
+    if (
+        isinstance(batch_size, (bool, np.bool_))
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     q = _check_features(x_query, "x_query")
     t = _check_features(x_train, "x_train")
@@ -355,8 +358,8 @@ def distance_to_nearest(
     index = NearestNeighbors(n_neighbors=1, algorithm=algorithm).fit(t)
     out = np.empty(q.shape[0], dtype=np.float64)
     for start in range(0, q.shape[0], int(batch_size)):
-        dist, _ = index.kneighbors(q[start:start + int(batch_size)], return_distance=True)
-        out[start:start + int(batch_size)] = dist[:, 0]
+        dist, _ = index.kneighbors(q[start : start + int(batch_size)], return_distance=True)
+        out[start : start + int(batch_size)] = dist[:, 0]
     return out
 
 

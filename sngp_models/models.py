@@ -74,9 +74,9 @@ class UncertaintyModel:
         probs = np.empty((x.shape[0], self.config.num_classes), dtype=np.float32)
         unc = np.empty((x.shape[0],), dtype=np.float32)
         for b, start in enumerate(range(0, x.shape[0], size)):
-            p, u = fn(tf.constant(x[start:start + size]), tf.constant(b, dtype=tf.int64))
-            probs[start:start + size] = p.numpy()
-            unc[start:start + size] = u.numpy()
+            p, u = fn(tf.constant(x[start : start + size]), tf.constant(b, dtype=tf.int64))
+            probs[start : start + size] = p.numpy()
+            unc[start : start + size] = u.numpy()
         return Prediction(probs=probs, uncertainty=unc)
 
     def predict_proba(self, x) -> np.ndarray:
@@ -108,8 +108,13 @@ class UncertaintyModel:
     def _compiled_predict(self):
         if self._predict_fn is None:
             # autograph=False: plain tensor code, nothing to convert (see training.fit_network's loop)
-            @tf.function(input_signature=[tf.TensorSpec([None, self.input_dim], tf.float32),
-                                          tf.TensorSpec([], tf.int64)], autograph=False)
+            @tf.function(
+                input_signature=[
+                    tf.TensorSpec([None, self.input_dim], tf.float32),
+                    tf.TensorSpec([], tf.int64),
+                ],
+                autograph=False,
+            )
             def predict(x, batch_index):
                 probs = self._batch_probs(x, batch_index)
                 return probs, _uncertainty(probs)
@@ -161,7 +166,8 @@ class MCDropoutModel(UncertaintyModel):
     def _batch_probs(self, x, batch_index):
         k = self.config.num_mc_samples
         seed = tf.random.experimental.stateless_fold_in(
-            tf.constant([self.config.seed, _MC_SEED_STREAM], tf.int64), batch_index)
+            tf.constant([self.config.seed, _MC_SEED_STREAM], tf.int64), batch_index
+        )
         tiled = tf.tile(x, [k, 1])  # (K*B, D): every pass gets its own dropout masks
         logits = self.net.logits(tiled, dropout_seed=seed)[0]
         probs = tf.nn.softmax(tf.reshape(logits, [k, -1, self.config.num_classes]), axis=-1)
@@ -169,8 +175,7 @@ class MCDropoutModel(UncertaintyModel):
 
 
 class DeepEnsembleModel(UncertaintyModel):
-    """`ensemble_size` independently initialised DeepResNets, trained as one batched graph; softmax averaged.
-    """
+    """`ensemble_size` independently initialised DeepResNets, one batched graph; softmax averaged."""
 
     method = "deep_ensemble"
 
@@ -193,8 +198,10 @@ class SNGPModel(UncertaintyModel):
         return tf.nn.softmax(self.net.mean_field_logits(x), axis=-1)
 
 
-_CLASSES = {cls.method: cls for cls in (DeterministicModel, SNGPModel, MCDropoutModel, DeepEnsembleModel,
-                                       ExactGPModel)}
+_CLASSES = {
+    cls.method: cls
+    for cls in (DeterministicModel, SNGPModel, MCDropoutModel, DeepEnsembleModel, ExactGPModel)
+}
 
 
 def make_model(

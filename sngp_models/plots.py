@@ -322,8 +322,16 @@ def plot_reliability(y_true: np.ndarray, probs: np.ndarray, model_name: str, n_b
     filled = curve.count > 0
     fig = Figure(figsize=_SMALL_FIGSIZE)
     ax = fig.subplots()
-    ax.bar(edges[:-1][filled], curve.accuracy[filled], width=1.0 / n_bins, align="edge",
-           color=_IN_COLOR, edgecolor="black", alpha=0.8, label="Accuracy")
+    ax.bar(
+        edges[:-1][filled],
+        curve.accuracy[filled],
+        width=1.0 / n_bins,
+        align="edge",
+        color=_IN_COLOR,
+        edgecolor="black",
+        alpha=0.8,
+        label="Accuracy",
+    )
     ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="Perfect calibration")
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(0.0, 1.0)
@@ -360,8 +368,14 @@ def plot_uncertainty_histogram(
     fig = Figure(figsize=_SMALL_FIGSIZE)
     ax = fig.subplots()
     for values, color, label in ((u_in, _IN_COLOR, "In-distribution"), (u_ood, _OOD_COLOR, "OOD")):
-        ax.hist(values, bins=edges, weights=np.full(values.size, 1.0 / values.size), color=color,
-                alpha=0.5, label=f"{label} (n={values.size})")
+        ax.hist(
+            values,
+            bins=edges,
+            weights=np.full(values.size, 1.0 / values.size),
+            color=color,
+            alpha=0.5,
+            label=f"{label} (n={values.size})",
+        )
     ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("Uncertainty (1 - sum p^2) / 2")
     ax.set_ylabel("Fraction of examples")
@@ -397,8 +411,10 @@ def plot_distance_curve(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], n_b
         dist = _check_values(pair[0], f"curves[{key!r}] distances")
         unc = _check_values(pair[1], f"curves[{key!r}] uncertainty")
         if dist.size != unc.size:
-            raise ValueError(f"curves[{key!r}]: distances and uncertainty must have the same length; "
-                             f"got {dist.size} and {unc.size}")
+            raise ValueError(
+                f"curves[{key!r}]: distances and uncertainty must have the same length; "
+                f"got {dist.size} and {unc.size}"
+            )
         if np.any(dist < 0):
             raise ValueError(f"curves[{key!r}] distances must be >= 0")
         checked.append((key, dist, unc))

@@ -52,8 +52,9 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return [pid for pid in pids if pid != os.getpid()]
 
 
-def run_sngp(args: list[str], cwd: Path, env: dict[str, str] | None = None,
-             timeout: float = 600) -> subprocess.CompletedProcess:
+def run_sngp(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run `sngp ARGS` in `cwd`. The result carries `.seconds` (wall time) and `.leaked`: pids of
     processes still alive with this run's PREFECT_HOME after it exited (e.g. an orphaned temporary
     Prefect server), which are then terminated so they do not outlive the test.
@@ -90,9 +91,11 @@ def run_sngp(args: list[str], cwd: Path, env: dict[str, str] | None = None,
 
 def describe(proc: subprocess.CompletedProcess) -> str:
     """Exit code and output tails, for assertion messages."""
-    return (f"exit {proc.returncode} after {getattr(proc, 'seconds', 0):.1f} s\n"
-            f"leaked processes: {getattr(proc, 'leaked', [])}\n"
-            f"--- stdout (tail) ---\n{proc.stdout[-3000:]}\n--- stderr (tail) ---\n{proc.stderr[-5000:]}")
+    return (
+        f"exit {proc.returncode} after {getattr(proc, 'seconds', 0):.1f} s\n"
+        f"leaked processes: {getattr(proc, 'leaked', [])}\n"
+        f"--- stdout (tail) ---\n{proc.stdout[-3000:]}\n--- stderr (tail) ---\n{proc.stderr[-5000:]}"
+    )
 
 
 class MlflowReader:
@@ -122,9 +125,11 @@ class MlflowReader:
     def children(self, parent_run_id: str) -> dict[str, object]:
         """Nested runs of one parent, by run name (= method)."""
         parent = self.client.get_run(parent_run_id)
-        runs = self.client.search_runs([parent.info.experiment_id],
-                                       filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                       max_results=1000)
+        runs = self.client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+            max_results=1000,
+        )
         return {r.info.run_name: r for r in runs}
 
     def running(self) -> list:
@@ -146,8 +151,11 @@ class MlflowReader:
 
         run = self.client.get_run(run_id)
         mlflow.set_tracking_uri(self.uri)
-        return mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                           filter_string=f"source_run_id = '{run_id}'", output_format="list")
+        return mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}'",
+            output_format="list",
+        )
 
 
 @pytest.fixture(scope="module")

@@ -110,9 +110,14 @@ def test_bad_known_classes(known) -> None:
         make_digits_dataset(known_classes=known)
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [({"test_fraction": 0.0}, "test_fraction"),
-                                              ({"test_fraction": 1.5}, "test_fraction"),
-                                              ({"seed": -1}, "seed")])
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"test_fraction": 0.0}, "test_fraction"),
+        ({"test_fraction": 1.5}, "test_fraction"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_other_arguments(kwargs, name) -> None:
     with pytest.raises(ValueError, match=name):
         make_digits_dataset(**kwargs)

@@ -38,11 +38,13 @@ def test_spearman_ties_and_partial() -> None:
 
 @pytest.mark.parametrize(
     ("u", "d", "match"),
-    [([0.1, 0.2], [1.0], "distances must have the same length"),
-     ([[0.1, 0.2]], [1.0, 2.0], "uncertainty must be 1-D"),
-     ([0.1, np.nan], [1.0, 2.0], "uncertainty must be finite"),
-     ([0.1, 0.2], [1.0, np.inf], "distances must be finite"),
-     ([], [], "uncertainty must be non-empty")],
+    [
+        ([0.1, 0.2], [1.0], "distances must have the same length"),
+        ([[0.1, 0.2]], [1.0, 2.0], "uncertainty must be 1-D"),
+        ([0.1, np.nan], [1.0, 2.0], "uncertainty must be finite"),
+        ([0.1, 0.2], [1.0, np.inf], "distances must be finite"),
+        ([], [], "uncertainty must be non-empty"),
+    ],
 )
 def test_spearman_bad_input(u, d, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -74,11 +76,13 @@ def test_distance_to_nearest_hand_checked() -> None:
 
 @pytest.mark.parametrize(
     ("q", "t", "kwargs", "match"),
-    [(np.zeros((2, 3)), np.zeros((4, 2)), {}, "x_query must have the same number of features"),
-     (np.zeros(3), np.zeros((4, 3)), {}, "x_query must be 2-D"),
-     (np.zeros((2, 2)), np.zeros((0, 2)), {}, "x_train must have at least one row"),
-     (np.array([[np.nan, 0.0]]), np.zeros((4, 2)), {}, "x_query must be finite"),
-     (np.zeros((2, 2)), np.zeros((4, 2)), {"batch_size": 0}, "batch_size must be a positive integer")],
+    [
+        (np.zeros((2, 3)), np.zeros((4, 2)), {}, "x_query must have the same number of features"),
+        (np.zeros(3), np.zeros((4, 3)), {}, "x_query must be 2-D"),
+        (np.zeros((2, 2)), np.zeros((0, 2)), {}, "x_train must have at least one row"),
+        (np.array([[np.nan, 0.0]]), np.zeros((4, 2)), {}, "x_query must be finite"),
+        (np.zeros((2, 2)), np.zeros((4, 2)), {"batch_size": 0}, "batch_size must be a positive integer"),
+    ],
 )
 def test_distance_to_nearest_bad_input(q, t, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -178,8 +182,11 @@ def test_plot_uncertainty_histogram(preds, tmp_path) -> None:
 def test_plot_distance_curve(tmp_path) -> None:
     rng = np.random.default_rng(0)
     d = rng.uniform(0, 5, size=400)
-    curves = {"sngp": (d, 0.25 * (1 - np.exp(-d))), "deterministic": (d, np.full(400, 0.01)),
-              "exact_gp": (d[:100], 0.2 * d[:100] / 5)}
+    curves = {
+        "sngp": (d, 0.25 * (1 - np.exp(-d))),
+        "deterministic": (d, np.full(400, 0.01)),
+        "exact_gp": (d[:100], 0.2 * d[:100] / 5),
+    }
     fig = P.plot_distance_curve(curves, n_bins=10)
     assert isinstance(fig, Figure) and len(fig.axes) == 1
     ax = fig.axes[0]
@@ -199,11 +206,13 @@ def test_plot_distance_curve(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("curves", "match"),
-    [({}, "curves must be a non-empty mapping"),
-     ({"sngp": (np.ones(3),)}, "must be a pair"),
-     ({"sngp": (np.ones(3), np.ones(2))}, "same length"),
-     ({"sngp": (-np.ones(3), np.ones(3))}, "distances must be >= 0"),
-     ({"sngp": (np.ones(3), np.array([0.1, np.nan, 0.2]))}, "uncertainty must be finite")],
+    [
+        ({}, "curves must be a non-empty mapping"),
+        ({"sngp": (np.ones(3),)}, "must be a pair"),
+        ({"sngp": (np.ones(3), np.ones(2))}, "same length"),
+        ({"sngp": (-np.ones(3), np.ones(3))}, "distances must be >= 0"),
+        ({"sngp": (np.ones(3), np.array([0.1, np.nan, 0.2]))}, "uncertainty must be finite"),
+    ],
 )
 def test_plot_distance_curve_bad_input(curves, match) -> None:
     with pytest.raises(ValueError, match=match):

@@ -61,12 +61,15 @@ def test_make_model_returns_exact_gp() -> None:
 
 
 def test_module_does_not_import_tensorflow() -> None:
-    code = ("import sys, numpy as np; from sngp_models.exact_gp import ExactGPModel; "
-            "m = ExactGPModel().fit(np.random.default_rng(0).normal(size=(20, 2)), np.arange(20) % 2); "
-            "m.predict_with_uncertainty(np.zeros((3, 2))); "
-            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          check=False)
+    code = (
+        "import sys, numpy as np; from sngp_models.exact_gp import ExactGPModel; "
+        "m = ExactGPModel().fit(np.random.default_rng(0).normal(size=(20, 2)), np.arange(20) % 2); "
+        "m.predict_with_uncertainty(np.zeros((3, 2))); "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -105,8 +108,9 @@ def test_prediction_contract_and_batching(fitted, moons) -> None:
     assert pred.probs.shape == (x.shape[0], 2) and pred.uncertainty.shape == (x.shape[0],)
     assert pred.probs.dtype == np.float32 and pred.uncertainty.dtype == np.float32
     np.testing.assert_allclose(pred.probs.sum(axis=1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(pred.uncertainty, 0.5 * (1 - (pred.probs.astype(np.float64) ** 2).sum(1)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        pred.uncertainty, 0.5 * (1 - (pred.probs.astype(np.float64) ** 2).sum(1)), atol=1e-6
+    )
     np.testing.assert_array_equal(model.predict_proba(x), pred.probs)
     # Batched prediction (7 rows per batch, N not a multiple) gives the same numbers.
     small = ExactGPModel(model.config.__class__(**{**model.config.to_dict(), "predict_batch_size": 7}))

@@ -23,8 +23,20 @@ from conftest import PNG_MAGIC, REPO, describe, run_sngp, sngp_env
 SMOKE = REPO / "conf" / "smoke.yaml"
 METHODS = ("deterministic", "sngp", "mc_dropout", "deep_ensemble")
 EPOCHS = int(yaml.safe_load(SMOKE.read_text())["training"]["epochs"])
-METRICS = ("train_accuracy", "test_accuracy", "nll", "brier", "ece", "ood_mean_max_prob", "ood_auroc",
-           "ood_aupr", "ood_fpr95", "grid_mean_uncertainty", "train_seconds", "inference_seconds")
+METRICS = (
+    "train_accuracy",
+    "test_accuracy",
+    "nll",
+    "brier",
+    "ece",
+    "ood_mean_max_prob",
+    "ood_auroc",
+    "ood_aupr",
+    "ood_fpr95",
+    "grid_mean_uncertainty",
+    "train_seconds",
+    "inference_seconds",
+)
 STAGES = ("train", "evaluate", "plot")
 PARENT_ID = re.compile(r"MLflow parent run: ([0-9a-f]{32})")
 FLOW_SECONDS = re.compile(r"\(Prefect flow run ([0-9.]+) s\)")
@@ -175,8 +187,11 @@ def test_first_run_prints_summary(first_run):
         assert row, f"no metric row for {method}\n{out}"
     assert "comparison.png" in out
     for method in METHODS:  # each method's plot location
-        plot_lines = [ln for ln in out.splitlines() if ln.strip().startswith(method)
-                      and "class_probability.png" in ln and "uncertainty.png" in ln]
+        plot_lines = [
+            ln
+            for ln in out.splitlines()
+            if ln.strip().startswith(method) and "class_probability.png" in ln and "uncertainty.png" in ln
+        ]
         assert plot_lines, f"no plot paths for {method}\n{out}"
     assert "mlflow ui" in out
     assert "Traceback" not in first_run.stderr
@@ -214,8 +229,14 @@ def test_pyfunc_models_predict_in_fresh_process(first_run, reader, tmp_path):
     children = reader.children(first_run.parent_id)
     uris = {m: f"models:/{reader.logged_models(r.info.run_id)[0].model_id}" for m, r in children.items()}
     runs_uri = f"runs:/{children['sngp'].info.run_id}/model"  # the run-relative URI works too
-    proc = subprocess.run([sys.executable, "-c", PREDICT, reader.uri, *uris.values(), runs_uri], cwd=tmp_path,
-                          env=sngp_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PREDICT, reader.uri, *uris.values(), runs_uri],
+        cwd=tmp_path,
+        env=sngp_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     results = json.loads(line.removeprefix("RESULT "))
