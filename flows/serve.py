@@ -16,6 +16,13 @@ PREFECT_WORKER_QUERY_SECONDS says otherwise): Prefect's process worker would oth
 scheduled run it sees in one poll, so the runs of `sngp sweep --runner workpool` would not spread
 over several workers.
 
+Unresponsive flow runs: the workers' flow runs send a heartbeat event every --heartbeat-seconds (30,
+Prefect's minimum: PREFECT_FLOWS_HEARTBEAT_FREQUENCY in the workers' environment), and once the Prefect
+server is healthy `sngp serve` makes sure it has the automation CRASH_AUTOMATION_NAME (created once,
+updated when the interval changes): a flow run of a deployment that has sent no heartbeat nor reached a
+final state for 3 intervals + 30 s (crash_after_seconds) is set Crashed, so a run whose worker or
+machine died does not stay Running forever. --heartbeat-seconds 0 disables it (see crash_automation).
+
 Logs go to DIR/logs/*.log; restarting on the same DIR keeps every run, deployment and work pool.
 Ctrl-C / SIGTERM stops the workers first (they tend to ignore the first signal, so TERM, TERM, KILL),
 then both servers. docker/compose.yaml starts the same commands as separate services.
@@ -48,6 +55,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -71,6 +79,15 @@ WORKER_QUERY_SECONDS = "2"  # how often workers poll for scheduled runs (Prefect
 DB_URL_ENV = "SNGP_DB_URL"  # MLflow backend store (PostgreSQL) when --db is not given
 PREFECT_DB_URL_ENV = "SNGP_PREFECT_DB_URL"  # Prefect server database when --prefect-db is not given
 DEFAULT_TIMEOUT = 120.0
+
+# Unresponsive flow runs (see the module doc). Prefect rejects heartbeat intervals under 30 s (and
+# defaults to 180 s); within = 3 intervals + a margin, so one late or lost heartbeat never counts.
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+MIN_HEARTBEAT_SECONDS = 30
+DEFAULT_HEARTBEAT_SECONDS = 30
+CRASH_MARGIN_SECONDS = 30
+CRASH_AUTOMATION_NAME = "sngp: crash unresponsive flow runs"
+UNRESPONSIVE = "stopped responding"
 
 # Worker: TERM, wait, TERM again (it often ignores the first one), wait, then KILL the process group.
 WORKER_STOP_SCHEDULE = ((signal.SIGTERM, 3.0), (signal.SIGTERM, 3.0))
@@ -110,6 +127,73 @@ def worker_command(pool: str, name: str | None = WORKER_NAME, limit: int | None 
         + (["--name", name] if name else [])
         + (["--limit", str(limit)] if limit is not None else [])
     )
+
+
+def crash_after_seconds(heartbeat_seconds: int) -> int:
+    """How long a flow run may send no heartbeat before the automation sets it Crashed: 3 intervals and
+    a margin. Prefect's proactive trigger restarts the window at each heartbeat and checks every ~5 s,
+    so a dead run is marked between this minus one interval and this plus a few seconds after it died."""
+    return 3 * heartbeat_seconds + CRASH_MARGIN_SECONDS
+
+
+def crash_message(heartbeat_seconds: int) -> str:
+    """The Crashed state's message (shown in the Prefect UI; flows.sweep recognises the name in it)."""
+    return (
+        f"No heartbeat for {crash_after_seconds(heartbeat_seconds)} s: the flow run {UNRESPONSIVE}, "
+        f"its worker or machine died? (automation {CRASH_AUTOMATION_NAME!r} of sngp serve)"
+    )
+
+
+def crash_automation(heartbeat_seconds: int) -> dict:
+    """The automation (Prefect's REST API JSON) that marks unresponsive flow runs of deployments Crashed.
+
+    Prefect's documented zombie-flow automation (docs: v3/advanced/detect-zombie-flows): a proactive
+    trigger per flow run (for_each prefect.resource.id) that, after each `prefect.flow-run.heartbeat`,
+    expects another heartbeat or a final state within crash_after_seconds, else sets the run CRASHED.
+    Only flow runs of deployments (match_related role deployment): those are what the workers run with
+    our interval, while `sngp run` / `sngp sweep` in a terminal keep Prefect's default of 180 s and must
+    not be crashed between two heartbeats. Suspended and AwaitingRetry also end a window: a suspended
+    run and one waiting to retry send no heartbeat until they resume (and then start a new window)."""
+    within = crash_after_seconds(heartbeat_seconds)
+    return {
+        "name": CRASH_AUTOMATION_NAME,
+        "description": (
+            f"Created by `sngp serve`: a flow run of a deployment that has sent no heartbeat for {within} s "
+            f"(its flow runs send one every {heartbeat_seconds} s) is set Crashed, so a run whose worker "
+            "or machine died does not stay Running forever. Updated by `sngp serve --heartbeat-seconds`."
+        ),
+        "enabled": True,
+        "tags": [],
+        "trigger": {
+            "type": "event",
+            "match": {"prefect.resource.id": "prefect.flow-run.*"},
+            "match_related": {"prefect.resource.role": "deployment"},
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": [
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+                "prefect.flow-run.Suspended",
+                "prefect.flow-run.AwaitingRetry",
+            ],
+            "for_each": ["prefect.resource.id"],
+            "posture": "Proactive",
+            "threshold": 1,
+            "within": within,
+        },
+        "actions": [
+            {
+                "type": "change-flow-run-state",
+                "state": "CRASHED",
+                "message": crash_message(heartbeat_seconds),
+                "force": False,  # never overwrite a final state reported meanwhile
+            }
+        ],
+        "actions_on_trigger": [],
+        "actions_on_resolve": [],
+    }
 
 
 def worker_names(count: int) -> list[str]:
@@ -210,10 +294,12 @@ def check_port_free(host: str, port: int, option: str) -> None:
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
 
-def _http(url: str, body: dict | None = None, timeout: float = 2.0):
-    """GET (or POST JSON) and decode the JSON/text answer; raises OSError/ValueError on failure."""
+def _http(url: str, body: dict | None = None, timeout: float = 2.0, method: str | None = None):
+    """GET (or POST JSON, or `method`) and decode the JSON/text answer; raises OSError/ValueError."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method=method
+    )
     with _NO_PROXY.open(request, timeout=timeout) as response:
         text = response.read().decode()
     try:
@@ -228,6 +314,83 @@ def _healthy(url: str) -> bool:
         return True
     except (OSError, ValueError, http.client.HTTPException):
         return False
+
+
+# --------------------------------------------------------------------------------------------------
+# The crash automation
+
+
+def _normalized(value):
+    """JSON value comparable regardless of list order (the API returns sets as lists) and int/float."""
+    if isinstance(value, dict):
+        return {key: _normalized(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set):
+        items = [_normalized(item) for item in value]
+        return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _automation_differs(existing: dict, desired: dict) -> bool:
+    """Whether any setting of `desired` has another value in `existing` (as the API returns it, with
+    ids, timestamps and defaults we do not set, which are ignored)."""
+    for key in ("name", "description", "enabled", "tags", "actions_on_trigger", "actions_on_resolve"):
+        if _normalized(existing.get(key)) != _normalized(desired[key]):
+            return True
+    trigger = existing.get("trigger") or {}
+    if any(_normalized(trigger.get(key)) != _normalized(value) for key, value in desired["trigger"].items()):
+        return True
+    actions = existing.get("actions") or []
+    if len(actions) != len(desired["actions"]):
+        return True
+    return any(
+        _normalized(have.get(key)) != _normalized(value)
+        for have, want in zip(actions, desired["actions"], strict=True)
+        for key, value in want.items()
+    )
+
+
+def _api(method: str, url: str, body: dict | None = None, timeout: float = 30.0):
+    try:
+        return _http(url, body=body, timeout=timeout, method=method)
+    except urllib.error.HTTPError as exc:
+        detail = " ".join(exc.read().decode(errors="replace").split())[:1000]
+        raise ServiceError(f"{method} {url} answered HTTP {exc.code}: {detail}") from None
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise ServiceError(f"{method} {url} failed: {exc}") from None
+
+
+def sync_crash_automation(api_url: str, heartbeat_seconds: int | None) -> str:
+    """Make the Prefect server at `api_url` hold exactly one automation CRASH_AUTOMATION_NAME with
+    crash_automation(heartbeat_seconds)'s settings: created if missing, updated (same id) if it
+    differs, extra copies deleted; with heartbeat_seconds None or 0 an existing one is disabled.
+    Returns what it did: 'created', 'updated', 'unchanged', 'disabled' or 'absent'.
+    Raises ServiceError if the server refuses."""
+    found = _api(
+        "POST",
+        f"{api_url}/automations/filter",
+        {"automations": {"name": {"any_": [CRASH_AUTOMATION_NAME]}}, "limit": 50},
+    )
+    found = sorted(
+        (a for a in found if a.get("name") == CRASH_AUTOMATION_NAME), key=lambda a: a.get("created") or ""
+    )
+    if not heartbeat_seconds:
+        enabled = [a for a in found if a.get("enabled")]
+        for automation in enabled:
+            _api("PATCH", f"{api_url}/automations/{automation['id']}", {"enabled": False})
+        return "disabled" if enabled else "absent"
+    desired = crash_automation(heartbeat_seconds)
+    if not found:
+        _api("POST", f"{api_url}/automations/", desired)
+        return "created"
+    keep, *extra = found
+    for automation in extra:  # e.g. made by hand with the same name: one automation, one Crashed state
+        _api("DELETE", f"{api_url}/automations/{automation['id']}")
+    if _automation_differs(keep, desired):
+        _api("PUT", f"{api_url}/automations/{keep['id']}", desired)
+        return "updated"
+    return "updated" if extra else "unchanged"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,6 +562,7 @@ class Services:
         timeout: float = DEFAULT_TIMEOUT,
         log: Callable[[str], None] | None = None,
         die_with_parent: bool = True,
+        heartbeat_seconds: int | None = DEFAULT_HEARTBEAT_SECONDS,
     ):
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.host = host
@@ -411,6 +575,10 @@ class Services:
         self.workers = int(workers) if worker else 0
         self.worker_limit = worker_limit
         self.timeout = timeout
+        # Seconds between the heartbeats of the workers' flow runs; the crash automation follows it.
+        # None or 0: no crash automation (an existing one is disabled), Prefect's own heartbeat setting.
+        self.heartbeat_seconds = int(heartbeat_seconds) if heartbeat_seconds else None
+        self.crash_automation_status: str | None = None  # what start() did: sync_crash_automation()
         self._log = log or (lambda message: None)
         self._die_with_parent = die_with_parent
         self._children: dict[str, _Child] = {}
@@ -440,6 +608,11 @@ class Services:
     def env(self) -> dict[str, str]:
         """What a client process needs to record to these servers."""
         return {"PREFECT_API_URL": self.prefect_api_url, "MLFLOW_TRACKING_URI": self.mlflow_url}
+
+    @property
+    def crash_after_seconds(self) -> int | None:
+        """Seconds without a heartbeat after which a deployment's flow run is set Crashed (None: off)."""
+        return crash_after_seconds(self.heartbeat_seconds) if self.heartbeat_seconds else None
 
     @property
     def mlflow_store_display(self) -> str:
@@ -487,6 +660,11 @@ class Services:
             raise UserError(f"--workers must be at least 1 (got {self.workers}); use --no-worker for none")
         if self.worker_limit is not None and self.worker_limit < 1:
             raise UserError(f"--worker-limit must be at least 1 (got {self.worker_limit})")
+        if self.heartbeat_seconds is not None and self.heartbeat_seconds < MIN_HEARTBEAT_SECONDS:
+            raise UserError(
+                f"--heartbeat-seconds must be at least {MIN_HEARTBEAT_SECONDS} (Prefect's minimum), or 0 to "
+                f"turn the detection of unresponsive flow runs off (got {self.heartbeat_seconds})"
+            )
         if self.data_dir.exists() and not self.data_dir.is_dir():
             raise UserError(f"--data-dir {self.data_dir} exists and is not a directory")
         check_port_free(self.host, self.prefect_port, "--prefect-port")
@@ -561,6 +739,11 @@ class Services:
     def _worker_env(self) -> dict[str, str]:
         env = self._client_env()
         env.setdefault("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS)  # the user's setting wins
+        if self.heartbeat_seconds:
+            # Not the user's setting: the crash automation's window is derived from this interval.
+            # The flow-run processes inherit it (Prefect's process worker passes its environment on).
+            env.pop("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", None)  # Prefect's legacy name for it
+            env[HEARTBEAT_ENV] = str(self.heartbeat_seconds)
         return env
 
     # Workers -----------------------------------------------------------------------------------
@@ -622,7 +805,7 @@ class Services:
             "mlflow": f"{self.mlflow_url}/health",
         }
         slots = self._worker_slots()
-        pending = ["prefect", "mlflow", "pool"] + [key for key, _, _ in slots]
+        pending = ["prefect", "mlflow", "pool", "automation"] + [key for key, _, _ in slots]
         deadline = t0 + self.timeout
         worker_started_at: datetime | None = None
         while pending:
@@ -651,6 +834,10 @@ class Services:
                         log=self.log_dir / "work-pool.log",
                         death_signal=death,
                     )
+                    # While that CLI starts (seconds), a few quick requests: the crash automation.
+                    self._sync_crash_automation()
+                    pending.remove("automation")
+                    self._log(self._automation_line(time.monotonic() - t0))
                 elif not pool.alive:
                     if pool.proc.returncode != 0:
                         raise ServiceError(
@@ -685,6 +872,24 @@ class Services:
             if pending:
                 time.sleep(0.2)
         self.startup_seconds = time.monotonic() - t0
+
+    def _sync_crash_automation(self) -> None:
+        try:
+            self.crash_automation_status = sync_crash_automation(self.prefect_api_url, self.heartbeat_seconds)
+        except ServiceError as exc:
+            raise ServiceError(
+                f"could not set up the automation {CRASH_AUTOMATION_NAME!r} on the Prefect server: {exc}"
+            ) from None
+
+    def _automation_line(self, seconds: float) -> str:
+        status = self.crash_automation_status
+        if not self.heartbeat_seconds:
+            what = "disabled" if status == "disabled" else "not set up"
+            return f"automation {CRASH_AUTOMATION_NAME!r} {what} (--heartbeat-seconds 0) ({seconds:.1f} s)"
+        return (
+            f"automation {CRASH_AUTOMATION_NAME!r} {status}: flow runs of deployments silent for "
+            f"{self.crash_after_seconds} s are marked Crashed ({seconds:.1f} s)"
+        )
 
     def _timeout_error(self, what: str, health: dict[str, str]) -> ServiceError:
         child = self._children.get(what)
@@ -815,6 +1020,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{WORKER_QUERY_SECONDS} s unless PREFECT_WORKER_QUERY_SECONDS is set",
     )  # fmt: skip
     parser.add_argument(
+        "--heartbeat-seconds", type=int, default=DEFAULT_HEARTBEAT_SECONDS, metavar="S",
+        help="the workers' flow runs send a heartbeat every S seconds (PREFECT_FLOWS_HEARTBEAT_FREQUENCY; "
+        f"default: %(default)s, Prefect's minimum: {MIN_HEARTBEAT_SECONDS}); a flow run of a deployment "
+        f"silent for 3 S + {CRASH_MARGIN_SECONDS} seconds (its worker or machine died) is marked Crashed "
+        f"by the automation {CRASH_AUTOMATION_NAME!r}, which sngp serve creates or updates. "
+        "0: no heartbeat setting, the automation is disabled",
+    )  # fmt: skip
+    parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
         help="how long to wait for everything to come up (default: %(default)s)",
     )  # fmt: skip
@@ -836,6 +1049,7 @@ def main(args: argparse.Namespace) -> int:
         worker=not args.no_worker,
         workers=args.workers,
         worker_limit=args.worker_limit or None,  # 0: no limit
+        heartbeat_seconds=args.heartbeat_seconds,
         timeout=args.timeout,
         log=_say,
     )
@@ -886,12 +1100,19 @@ def _print_ready(services: Services) -> None:
         worker = f", worker {names[0]!r} ({limit})"
     else:
         worker = f", workers {', '.join(repr(n) for n in names)} ({limit} each)"
+    crash = (
+        f"flow runs of deployments are marked Crashed after {services.crash_after_seconds} s without a "
+        f"heartbeat (their worker or machine died); heartbeats every {services.heartbeat_seconds} s"
+        if services.heartbeat_seconds
+        else "off (--heartbeat-seconds 0): flow runs whose worker dies stay Running"
+    )
     lines = [
         f"all services are up ({services.startup_seconds:.1f} s)",
         "",
         f"  Prefect UI:   {services.prefect_url}",
         f"  MLflow UI:    {services.mlflow_ui_url}",
         f"  Work pool:    {services.work_pool} (process){worker}",
+        f"  Crash check:  {crash}",
         f"  Prefect DB:   {services.prefect_store_display}",
         f"  MLflow store: {services.mlflow_store_display}, artifacts in {services.mlflow_dir / 'artifacts'}",
         f"  Logs:         {services.log_dir}/",

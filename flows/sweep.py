@@ -463,9 +463,15 @@ def dispatch_point(
     """Run one point as a flow run of `deployment` (the sweep-point flow) on its work pool, wait for it
     and return its result: sweep_point's dict plus `cached`, `prefect_worker`, `flow_run_id`.
 
+    A flow run that does not complete raises FlowRunFailed (the point is FAILED, the sweep goes on);
+    one whose worker or machine died is set Crashed by `sngp serve`'s automation once its heartbeats
+    stop (flows.serve.crash_automation), and its message says it stopped responding.
+
     The flow run gets this sweep's cache folder (SNGP_CACHE_DIR, through the job's environment), so its
     worker reads the sweep's data file and shares the cache; it fails if it sees another folder."""
     from prefect.deployments import run_deployment
+
+    from flows.serve import CRASH_AUTOMATION_NAME, UNRESPONSIVE
 
     flow_run = run_deployment(
         name=deployment,
@@ -484,6 +490,11 @@ def dispatch_point(
     state = flow_run.state
     worker = (flow_run.labels or {}).get("prefect.worker.name")
     where = f"flow run {flow_run.name!r} ({flow_run.id})" + (f" on worker {worker}" if worker else "")
+    if state is not None and state.is_crashed() and CRASH_AUTOMATION_NAME in (state.message or ""):
+        # Set Crashed by `sngp serve`'s automation: no heartbeat from its process for minutes.
+        raise FlowRunFailed(
+            f"{where} {UNRESPONSIVE} (its worker or machine died) and was marked Crashed: {state.message}"
+        )
     if state is None or not state.is_completed():
         name = state.name if state is not None else "without a state"
         raise FlowRunFailed(f"{where} ended {name}: {state.message if state is not None else ''}".rstrip())
