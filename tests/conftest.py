@@ -39,6 +39,25 @@ def sngp_env(workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def clean_server_env(**extra: str) -> dict[str, str]:
+    """The developer's environment without server URLs, caches or database settings; analytics off: for
+    processes that talk to servers a test started (sngp serve, workers, clients)."""
+    drop = {
+        "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SNGP_DB_URL", "SNGP_PREFECT_DB_URL", "PREFECT_HOME",
+        "PREFECT_PROFILE", "SNGP_CACHE_DIR", "SNGP_RETRAIN_CRON", "SNGP_PROJECT_DIR",
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+        COLUMNS="200",
+        **extra,
+    )
+    return env
+
+
 def processes_with_env(name: str, value: str) -> list[int]:
     """Pids of live processes whose environment has NAME=VALUE (Linux /proc; [] elsewhere)."""
     wanted = f"{name}={value}".encode()

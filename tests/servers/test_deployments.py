@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import socket
@@ -29,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import clean_server_env
 
 from flows.pgcluster import PostgresUnavailable, find_bindir, free_port, pg_cluster
 
@@ -58,24 +58,6 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 # --------------------------------------------------------------------------------------------------
 # Processes
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The developer's environment without any server URLs or database settings, analytics off."""
-    drop = {
-        "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SNGP_DB_URL", "SNGP_PREFECT_DB_URL", "PREFECT_HOME",
-        "PREFECT_PROFILE", "SNGP_CACHE_DIR", "SNGP_RETRAIN_CRON", "SNGP_PROJECT_DIR",
-    }  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
-        COLUMNS="200",
-        **extra,
-    )
-    return env
 
 
 def _run(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float = RUN_TIMEOUT):
@@ -143,7 +125,7 @@ class Stack:
         return "".join(self.lines)
 
     def client_env(self, *, mlflow: bool = True, **extra: str) -> dict[str, str]:
-        env = _clean_env(
+        env = clean_server_env(
             PREFECT_API_URL=self.prefect_api,
             PREFECT_HOME=str(self.client_dir / "prefect-home"),
             SNGP_CACHE_DIR=str(self.cache_dir),
@@ -161,7 +143,7 @@ class Stack:
             str(SNGP), "serve", "--data-dir", str(self.data_dir), "--prefect-port", str(self.prefect_port),
             "--mlflow-port", str(self.mlflow_port), "--timeout", str(START_TIMEOUT), *self.args,
         ]  # fmt: skip
-        env = _clean_env(SNGP_CACHE_DIR=str(self.cache_dir), PREFECT_WORKER_QUERY_SECONDS="2")
+        env = clean_server_env(SNGP_CACHE_DIR=str(self.cache_dir), PREFECT_WORKER_QUERY_SECONDS="2")
         started = time.monotonic()
         self.proc = subprocess.Popen(
             argv, cwd=self.worker_cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import MlflowReader
+from conftest import MlflowReader, clean_server_env
 from test_sweep import N_POINTS, SWEEP, assert_same_metrics, check_complete_record, points_of
 
 from flows.pgcluster import free_port
@@ -44,24 +44,6 @@ RUN_TIMEOUT = 900.0
 WALL_TIMES: dict[str, float] = {}
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The developer's environment without server URLs, caches or database settings; analytics off."""
-    drop = {
-        "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SNGP_DB_URL", "SNGP_PREFECT_DB_URL", "PREFECT_HOME",
-        "PREFECT_PROFILE", "SNGP_CACHE_DIR", "SNGP_RETRAIN_CRON", "SNGP_PROJECT_DIR",
-    }  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
-        COLUMNS="200",
-        **extra,
-    )
-    return env
 
 
 def _json(url: str, body: dict | None = None):
@@ -88,7 +70,7 @@ class Stack:
         self.client_dir.mkdir(parents=True, exist_ok=True)
 
     def env(self, cache: str | None = None, **extra: str) -> dict[str, str]:
-        env = _clean_env(
+        env = clean_server_env(
             PREFECT_API_URL=self.services.prefect_api_url,
             MLFLOW_TRACKING_URI=self.services.mlflow_url,
             PREFECT_HOME=str(self.client_dir / "prefect-home"),
@@ -147,7 +129,7 @@ def stack(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # the workers inherit this process's environment
         for key in list(os.environ):
             mp.delenv(key)
-        for key, value in _clean_env().items():
+        for key, value in clean_server_env().items():
             mp.setenv(key, value)
         started = time.monotonic()
         with start_services(
