@@ -18,6 +18,13 @@ import threading
 
 import numpy as np
 
+# tf-models' layers at import, never lazily: this also loads tensorflow_text's kernel libraries, and a
+# kernel library loaded (dlopen) while another thread runs TensorFlow graphs can deadlock both in
+# TensorFlow's kernel registry (seen: a cold run hung for good when the SNGP training thread imported this
+# while the deterministic one trained). At import it happens under this module's import lock, before any
+# model of this process exists. TF_USE_LEGACY_KERAS is already set: sngp_models/__init__.py runs first.
+from official.nlp.modeling import layers as nlp_layers
+
 from ._tf import tf, tf_keras
 from .config import ModelConfig
 
@@ -126,8 +133,6 @@ class SNGPResNet(tf_keras.Model):
         self.config = config
         self.num_members = 1
         hidden = config.num_hidden
-        from official.nlp.modeling import layers as nlp_layers
-
         with _GLOBAL_SEED_LOCK:
             tf_keras.utils.set_random_seed(member_seed(config.seed, 0, INIT_STREAM))
             self.input_layer = tf_keras.layers.Dense(hidden, trainable=False, name="input_projection")
