@@ -382,3 +382,20 @@ def test_predict_before_fit_raises_not_fitted(method, tmp_path) -> None:
             call()
         assert isinstance(info.value, ValueError)
     assert not (tmp_path / "m").exists()
+
+
+def test_models_load_every_kernel_library_at_import() -> None:
+    """Building a model must not load TensorFlow kernel libraries (tf-models pulls in tensorflow_text's):
+    a kernel library loaded while another thread runs TensorFlow graphs can deadlock both, which hung a
+    pipeline run training three methods in threads. So importing the models loads them, once, up front."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, sngp_models.models; "
+        "print(any(m.startswith('tensorflow_text') for m in sys.modules), "
+        "'official.nlp.modeling.layers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"], out.stdout
