@@ -18,25 +18,11 @@ import sys
 
 import pytest
 import yaml
-from conftest import PNG_MAGIC, REPO, describe, run_sngp, sngp_env
+from conftest import METRICS, PNG_MAGIC, REPO, describe, run_sngp, sngp_env
 
 SMOKE = REPO / "conf" / "smoke.yaml"
 METHODS = ("deterministic", "sngp", "mc_dropout", "deep_ensemble")
 EPOCHS = int(yaml.safe_load(SMOKE.read_text())["training"]["epochs"])
-METRICS = (
-    "train_accuracy",
-    "test_accuracy",
-    "nll",
-    "brier",
-    "ece",
-    "ood_mean_max_prob",
-    "ood_auroc",
-    "ood_aupr",
-    "ood_fpr95",
-    "grid_mean_uncertainty",
-    "train_seconds",
-    "inference_seconds",
-)
 STAGES = ("train", "evaluate", "plot")
 PARENT_ID = re.compile(r"MLflow parent run: ([0-9a-f]{32})")
 FLOW_SECONDS = re.compile(r"\(Prefect flow run ([0-9.]+) s\)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PNG_MAGIC, REPO, describe, run_sngp, sngp_env
+from conftest import METRICS, PNG_MAGIC, REPO, describe, run_sngp, sngp_env
 
 SWEEP = REPO / "conf" / "sweep_smoke.yaml"
 SPEC = yaml.safe_load(SWEEP.read_text())
@@ -32,20 +32,6 @@ SEEDS = SPEC["seeds"]
 N_POINTS = len(VALUES) * len(SEEDS)
 EXPERIMENT = SPEC["base"]["overrides"]["mlflow.experiment"]
 EPOCHS = int(yaml.safe_load((REPO / "conf" / "smoke.yaml").read_text())["training"]["epochs"])
-METRICS = (
-    "train_accuracy",
-    "test_accuracy",
-    "nll",
-    "brier",
-    "ece",
-    "ood_mean_max_prob",
-    "ood_auroc",
-    "ood_aupr",
-    "ood_fpr95",
-    "grid_mean_uncertainty",
-    "train_seconds",
-    "inference_seconds",
-)
 TIMINGS = ("train_seconds", "inference_seconds")  # wall clock: the only metrics allowed to differ
 PARENT_ID = re.compile(r"MLflow parent run: ([0-9a-f]{32})")
 POINT_STATE = re.compile(r"Task run 'sweep-(p\d{3})[^']*' - Finished in state (\w+)")

@@ -19,25 +19,13 @@ import threading
 import time
 from pathlib import Path
 
+from conftest import METRICS
+
 REPO = Path(__file__).resolve().parents[2]
 SNGP = Path(sys.executable).parent / "sngp"
 SMOKE = REPO / "conf" / "smoke.yaml"
 ALL_METHODS = ("deterministic", "sngp", "mc_dropout", "deep_ensemble", "exact_gp")
 SMOKE_ALL = ["run", "--config", str(SMOKE), "--set", f"methods=[{','.join(ALL_METHODS)}]"]
-METRICS = (
-    "train_accuracy",
-    "test_accuracy",
-    "nll",
-    "brier",
-    "ece",
-    "ood_mean_max_prob",
-    "ood_auroc",
-    "ood_aupr",
-    "ood_fpr95",
-    "grid_mean_uncertainty",
-    "train_seconds",
-    "inference_seconds",
-)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PARENT_ID = re.compile(r"MLflow parent run: ([0-9a-f]{32})")
 TASK_STATE = re.compile(r"Task run '([\w.-]+)' - Finished in state (\S+)")
