@@ -217,23 +217,29 @@ class ConfigError(ValueError):
     """A config the user must fix; the message names the key, the value and what is allowed."""
 
 
+def read_yaml_file(path: Path, what: str, error: type[ConfigError] = ConfigError) -> Any:
+    """The YAML document in `path` (None if empty); `error` naming the file (as `what`) if it is missing,
+    a directory, unreadable or not valid YAML (with the line and column)."""
+    if not path.is_file():
+        problem = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
+        raise error(f"{what} {str(path)!r} {problem}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise error(f"{what} {str(path)!r} is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {str(path)!r} cannot be read: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read YAML (None: the study's defaults), apply `key.sub=value` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            problem = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
-            raise ConfigError(f"config file {str(path)!r} {problem}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+        loaded = read_yaml_file(path, "config file")
         if loaded is None:
             raise ConfigError(
                 f"config file {str(path)!r} is empty; give at least one setting, e.g. 'seed: 0'"

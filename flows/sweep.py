@@ -48,7 +48,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE, CompoundCachePolicy, Inputs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flows.config import ConfigError, Method, PipelineConfig, load_config, validate_config
+from flows.config import ConfigError, Method, PipelineConfig, load_config, read_yaml_file, validate_config
 from sngp_models.config import RELEVANT_FIELDS, ModelConfig
 from tasks.cache import CACHE_POLICY, CODE_VERSION, cache_root, write_atomic
 from tasks.evaluate import evaluate_model
@@ -284,16 +284,7 @@ def load_sweep(
 ) -> tuple[SweepSpec, PipelineConfig]:
     """Read and validate a sweep file and its base config; SweepError/ConfigError name the bad key."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SweepError(f"sweep file {str(path)!r} is not valid YAML{where}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SweepError(f"sweep file {str(path)!r} cannot be read: {exc}") from None
+    raw = read_yaml_file(path, "sweep file", SweepError)
     if not isinstance(raw, dict):
         raise SweepError(f"sweep file {str(path)!r} must hold a mapping with at least 'methods' and 'grid'")
     try:
