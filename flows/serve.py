@@ -351,14 +351,23 @@ def _automation_differs(existing: dict, desired: dict) -> bool:
     )
 
 
-def _api(method: str, url: str, body: dict | None = None, timeout: float = 30.0):
-    try:
-        return _http(url, body=body, timeout=timeout, method=method)
-    except urllib.error.HTTPError as exc:
-        detail = " ".join(exc.read().decode(errors="replace").split())[:1000]
-        raise ServiceError(f"{method} {url} answered HTTP {exc.code}: {detail}") from None
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        raise ServiceError(f"{method} {url} failed: {exc}") from None
+def _api(
+    method: str, url: str, body: dict | None = None, timeout: float = 30.0, unavailable_for: float = 30.0
+):
+    """One request; HTTP 503 (a just-started server whose services are not all up yet: seen on a PUT to
+    /automations right after /health answered) is retried for up to `unavailable_for` seconds."""
+    deadline = time.monotonic() + unavailable_for
+    while True:
+        try:
+            return _http(url, body=body, timeout=timeout, method=method)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 503 and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            detail = " ".join(exc.read().decode(errors="replace").split())[:1000]
+            raise ServiceError(f"{method} {url} answered HTTP {exc.code}: {detail}") from None
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise ServiceError(f"{method} {url} failed: {exc}") from None
 
 
 def sync_crash_automation(api_url: str, heartbeat_seconds: int | None) -> str:
