@@ -191,6 +191,31 @@ class PipelineConfig(Section):
             ensemble_size=self.deep_ensemble.ensemble_size,
         )
 
+    def model_settings(self, method: str) -> dict[str, Any]:
+        """The library settings that matter for `method`: its training cache key and MLflow params."""
+        return self.model_config_for(method).relevant(method)
+
+    def training_settings(self) -> dict[str, dict[str, Any]]:
+        """model_settings of every configured method, and of `deterministic`, which MC Dropout wraps."""
+        return {m: self.model_settings(m) for m in dict.fromkeys([*self.methods, "deterministic"])}
+
+    def data_settings(self) -> dict[str, Any]:
+        """Which data set, and its settings (tasks.data.data_file's arguments, but the seed)."""
+        return {
+            "dataset": self.dataset,
+            "data": self.data.model_dump(mode="json"),
+            "digits": self.digits.model_dump(mode="json"),
+        }
+
+    def record_settings(self) -> dict[str, Any]:
+        """What a flow's parent MLflow run records: where, its params, its config.yaml."""
+        return {
+            "tracking_uri": self.mlflow.tracking_uri,
+            "experiment": self.mlflow.experiment,
+            "params": self.flat(),
+            "config": self.model_dump(mode="json"),
+        }
+
     @property
     def num_classes(self) -> int:
         return 2 if self.dataset == "two_moons" else len(self.digits.known_classes)

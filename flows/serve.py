@@ -42,13 +42,11 @@ its parser); psycopg2 is imported only to check a PostgreSQL URL.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import fcntl
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -65,7 +63,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Self
 
-from flows.cli import UserError
+from flows.cli.common import UserError
+from flows.ops.processes import die_with_parent, executable
 
 HELP = "start the Prefect server, MLflow tracking server and process worker(s) (Ctrl-C stops all)"
 
@@ -406,39 +405,6 @@ def sync_crash_automation(api_url: str, heartbeat_seconds: int | None) -> str:
 # Child processes
 
 
-def _executable(name: str) -> str:
-    """The console script installed beside this interpreter (the project venv), else from PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if not found:
-        raise UserError(f"`{name}` is not installed (pip install -e . in the project venv)")
-    return found
-
-
-def _parent_death_signal(sig: int) -> Callable[[], None] | None:
-    """preexec_fn making the child receive `sig` if this process dies (Linux prctl PR_SET_PDEATHSIG).
-
-    So a launcher killed with SIGKILL does not leave servers running. Linux ties this to the *thread*
-    that started the child: start services from a thread that outlives them (normally the main one).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sig)
-
-    return preexec
-
-
 @dataclass
 class _Child:
     name: str
@@ -477,7 +443,7 @@ def _spawn(
     death_signal: int | None,
     secrets: tuple[str, ...] = (),
 ) -> _Child:
-    argv = [_executable(argv[0]), *argv[1:]]
+    argv = [executable(argv[0]), *argv[1:]]
     with open(log, "ab") as f:
         offset = f.tell()
         stamp = datetime.now().isoformat(timespec="seconds")
@@ -492,7 +458,7 @@ def _spawn(
             cwd=cwd,
             start_new_session=True,  # own process group: Ctrl-C reaches only us, we stop them in order
             # preexec_fn only calls prctl (no locks, no imports): safe enough with other threads running.
-            preexec_fn=_parent_death_signal(death_signal) if death_signal else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent(death_signal) if death_signal else None,  # noqa: PLW1509
         )
     return _Child(name, proc, log, offset, secrets)
 

@@ -173,3 +173,18 @@ class ProcessLockManager(FileSystemLockManager):
 def task_lock_manager() -> ProcessLockManager:
     """Locks for the tasks caching under cache_root() (resolved when called)."""
     return ProcessLockManager(cache_root() / "prefect-locks")
+
+
+def configured(task):
+    """The task with its cache records stored beside the artefacts (cache_root(), resolved at run time),
+    so deleting the cache folder invalidates both together.
+
+    Each record (key, metadata and result together, under a relative key) lives in the cache folder,
+    never in PREFECT_HOME: `sngp run` and a served worker have different PREFECT_HOMEs but share the
+    cache folder, and a record pointing into another PREFECT_HOME's storage fails the task
+    ("Provided path ... is outside of the base path ...") instead of being a cache hit.
+
+    SERIALIZABLE: identical tasks of concurrent runs sharing the cache folder run once (the others wait
+    for the lock, then read the cached result); the lock dies with its process (tasks.cache)."""
+    policy = CACHE_POLICY.configure(isolation_level="SERIALIZABLE", lock_manager=task_lock_manager())
+    return task.with_options(cache_policy=policy, result_storage=cache_root() / "prefect-results")

@@ -11,7 +11,7 @@ from prefect import task
 from sngp_models.data import TwoMoonsData, make_dataset
 from sngp_models.digits import DigitsData, make_digits_dataset
 
-from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, stable_key, write_atomic
+from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, configured, stable_key, write_atomic
 
 DATASETS = {"two_moons": TwoMoonsData, "digits": DigitsData}
 
@@ -59,6 +59,11 @@ def generate_data(
 
     write_atomic(path, write)
     return str(path)
+
+
+def data_file(dataset: str, data: dict, digits: dict, seed: int) -> str:
+    """The path of the data set's file for `seed`, generated once and cached (generate_data)."""
+    return configured(generate_data)(data, seed, dataset, digits)
 
 
 def load_data(path: str) -> TwoMoonsData | DigitsData:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import tempfile
 import warnings
@@ -21,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from . import pyfunc_model
 from .pyfunc_model import signature
+from .redaction import redact
 
 # Logging from our own signature: no input example (it would load TensorFlow to validate it).
 warnings.filterwarnings("ignore", message=".*input example was not provided.*")
@@ -36,13 +36,6 @@ _PIP_REQUIREMENTS = [
     "pandas",
     "scikit-learn",
 ]
-
-
-def redact(text: str) -> str:
-    """Hide passwords in URLs (postgresql://user:secret@host -> postgresql://user:***@host).
-
-    The password runs to the last '@' of the URL, so one containing '@' or '/' is hidden whole."""
-    return re.sub(r"(://[^/:@\s]*):\S*@(?=[^@\s]*(?:\s|$))", r"\1:***@", text)
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -81,18 +74,11 @@ def setup(tracking_uri: str, experiment: str) -> str:
 
 def warm_up(tracking_uri: str) -> None:
     """Do MLflow's one-off work of a process now, e.g. while Prefect's server starts: open the tracking
-    store (imports its SQL layer; creates a new SQLite database's schema) and index the installed
-    packages (log_model checks the model's requirements against them, ~0.5 s the first time).
-    Failures are left for the flow to report where they happen."""
+    store (imports its SQL layer; creates a new SQLite database's schema). Failures are left for the
+    flow to report where they happen."""
     try:
         MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception:  # noqa: BLE001 - an unusable store is reported by the flow, with context
-        pass
-    try:
-        from mlflow.utils import requirements_utils
-
-        requirements_utils._init_packages_to_modules_map()  # private; only an optimisation
-    except Exception:  # noqa: BLE001
         pass
 
 

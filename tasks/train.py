@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from prefect import get_run_logger, task
 
-from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, stable_key
+from sngp_models.interface import read_model_dir
+
+from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, configured, stable_key
 from .data import load_data
 
 # Set when the flow is interrupted (SIGINT/SIGTERM): training in worker threads stops at the next epoch
@@ -70,3 +73,45 @@ def mc_dropout_from_deterministic(
     )
     model.save(path)
     return {**deterministic, "method": "mc_dropout", "model_dir": str(path)}
+
+
+def submit_training(methods: list[str], settings: dict[str, dict], data_path: str) -> dict[str, Any]:
+    """Submit one training per method (they run concurrently) -> futures by method. `settings`: each
+    method's library settings (its cache key), with `deterministic` whenever `mc_dropout` is trained:
+    MC Dropout wraps the deterministic net, as in the study.
+
+    A result whose model directory is missing or incomplete (a cache entry outliving its files, a
+    process killed while saving) is not trusted: that training reruns instead of failing later."""
+    train = configured(train_model)
+    trained = {}
+    if "mc_dropout" in methods and "deterministic" not in methods:
+        trained["deterministic"] = train.submit("deterministic", settings["deterministic"], data_path)
+    for method in methods:
+        if method != "mc_dropout":
+            trained[method] = train.submit(method, settings[method], data_path)
+    retrain = train.with_options(refresh_cache=True)
+    for method, future in trained.items():
+        args = (method, settings[method], data_path)
+        trained[method] = usable_model(future, lambda a=args: retrain.submit(*a))
+    if "mc_dropout" in methods:
+        mc_dropout = configured(mc_dropout_from_deterministic)
+        args = (trained["deterministic"], settings["mc_dropout"])
+        trained["mc_dropout"] = usable_model(
+            mc_dropout.submit(*args), lambda: mc_dropout.with_options(refresh_cache=True).submit(*args)
+        )
+    return trained
+
+
+def usable_model(future, rerun):
+    """`future` once finished, or `rerun()` (the same task, cache refreshed) if the model directory its
+    result names does not load (no manifest, checksum mismatch, missing)."""
+    future.wait()
+    if not future.state.is_completed():
+        return future  # a real failure: recorded by record_method
+    model_dir = future.result()["model_dir"]
+    try:
+        read_model_dir(model_dir)
+    except (ValueError, OSError) as exc:
+        get_run_logger().warning("%s; training again", exc)
+        return rerun()
+    return future

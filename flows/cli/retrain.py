@@ -7,8 +7,7 @@ import contextlib
 import sys
 import time
 
-from flows.local_server import start_if_local
-from flows.run_command import (
+from flows.cli.common import (
     add_config_arguments,
     check_cache_dir,
     check_tracking,
@@ -16,6 +15,7 @@ from flows.run_command import (
     flow_kwargs,
     terminate_on_sigterm,
 )
+from flows.ops.local_prefect import start_if_local
 
 HELP = "Retrain on fresh data and promote each method's model in the MLflow registry if it is as good."
 

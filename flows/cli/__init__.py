@@ -8,23 +8,18 @@ Errors the user can fix (bad config, port in use, ...) raise `UserError`: printe
 from __future__ import annotations
 
 import argparse
-import atexit
 import importlib
-import os
 import sys
-import threading
-from typing import NoReturn
+
+from flows.cli.common import UserError
+from flows.ops.errors import ServiceError
 
 SUBCOMMANDS = {
-    "run": "flows.run_command",
-    "retrain": "flows.retrain_command",
+    "run": "flows.cli.run",
+    "retrain": "flows.cli.retrain",
     "serve": "flows.serve",
-    "sweep": "flows.sweep_command",
+    "sweep": "flows.cli.sweep",
 }
-
-
-class UserError(Exception):
-    """A problem with the user's input or environment: reported as one clear line, exit code 2."""
 
 
 def _load(name: str):
@@ -57,28 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `sngp` command; callers passing argv (tests) get the exit code back."""
     code = _run(argv)
-    if argv is None:  # the `sngp` command itself; callers passing argv (tests) get the code back
-        _exit_without_teardown(code)
+    if argv is None:
+        sys.exit(code)
     return code
-
-
-def _exit_without_teardown(code: int) -> NoReturn:
-    """Exit as Python would, minus freeing every module and object one by one (~0.6 s with Prefect and
-    MLflow loaded, more with TensorFlow: a tenth of a cached run). Everything an exit must do still
-    happens, in Python's order: pending thread-pool work and non-daemon threads are waited for, the
-    atexit handlers run (Prefect delivers its last logs and events, logging flushes, the temporary
-    Prefect server stops, temporary folders are removed), then stdout and stderr are flushed."""
-    shutdown_threads = getattr(threading, "_shutdown", None)  # what the interpreter itself calls first
-    if shutdown_threads is not None:
-        shutdown_threads()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
-            pass
-    os._exit(code)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -89,7 +67,7 @@ def _run(argv: list[str] | None) -> int:
         return 2
     try:
         return int(args._module.main(args) or 0)
-    except UserError as exc:
+    except (UserError, ServiceError) as exc:
         if args.debug:
             raise
         print(f"sngp {args.command}: error: {exc}", file=sys.stderr)

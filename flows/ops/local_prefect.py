@@ -22,7 +22,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
-from flows.serve import _parent_death_signal
+from flows.ops.processes import die_with_parent
 
 
 def _configured_api_url() -> bool:
@@ -88,7 +88,7 @@ class LocalPrefectServer:
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_parent_death_signal(signal.SIGTERM),  # noqa: PLW1509 - prctl only
+            preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - prctl only
         )
         atexit.register(self.stop)  # registered before Prefect's own exit hooks, so it runs after them
 

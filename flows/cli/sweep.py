@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from flows.cli import UserError
+from flows.cli.common import UserError
 from flows.config import ConfigError
 
 HELP = "Run a hyperparameter sweep (conf/sweep_*.yaml) on a thread pool, a Dask cluster or a work pool."
@@ -220,7 +220,7 @@ def check_scheduler(address: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from flows.run_command import check_cache_dir, terminate_on_sigterm
+    from flows.cli.common import check_cache_dir, terminate_on_sigterm
 
     if args.cache_dir:
         os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())

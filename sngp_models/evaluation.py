@@ -1,0 +1,100 @@
+"""One evaluation for every method: `evaluate(model, data) -> {metric name: value}`.
+
+This module is the single source of the metric names: the pipeline's tasks, the sweeps, the `sngp run`
+table and the tests all take them from here. `data` is any of the library's data sets (two moons,
+digits): train/test/OOD splits, and a 2-D grid where the data set has one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+# Every metric a method's run records (DESIGN.md), in display order.
+METRIC_NAMES = (
+    "train_accuracy",
+    "test_accuracy",
+    "nll",
+    "brier",
+    "ece",
+    "ood_mean_max_prob",
+    "ood_auroc",
+    "ood_aupr",
+    "ood_fpr95",
+    "grid_mean_uncertainty",
+    "distance_uncertainty_spearman",
+    "train_seconds",
+    "inference_seconds",
+)
+# Only data sets with a 2-D grid (two moons) have these.
+GRID_METRICS = ("grid_mean_uncertainty", "distance_uncertainty_spearman")
+# Reported by training, not by `evaluate`.
+TRAINING_METRICS = ("train_seconds",)
+# The headline columns of the `sngp run` table and the Prefect summary artifact, with their short names.
+SUMMARY_METRICS = {
+    "test_accuracy": "test_acc",
+    "nll": "nll",
+    "ece": "ece",
+    "ood_mean_max_prob": "ood_maxp",
+    "ood_auroc": "ood_auroc",
+    "grid_mean_uncertainty": "grid_unc",
+    "distance_uncertainty_spearman": "dist_rho",
+    "train_seconds": "train_s",
+}
+
+
+def predict_splits(model: Any, data: Any) -> tuple[dict[str, np.ndarray], float]:
+    """Probabilities and uncertainty on every split -> (arrays by name, inference seconds).
+
+    Inference seconds time the grid (the study's 10,000 points) on two moons, else the test split."""
+    started = time.perf_counter()
+    main = model.predict_with_uncertainty(data.x_grid if data.x_grid is not None else data.x_test)
+    inference_seconds = time.perf_counter() - started
+    train = model.predict_with_uncertainty(data.x_train)
+    test = model.predict_with_uncertainty(data.x_test) if data.x_grid is not None else main
+    ood = model.predict_with_uncertainty(data.x_ood)
+    arrays = {
+        "train_probs": train.probs,
+        "train_uncertainty": train.uncertainty,
+        "test_probs": test.probs,
+        "test_uncertainty": test.uncertainty,
+        "ood_probs": ood.probs,
+        "ood_uncertainty": ood.uncertainty,
+    }
+    if data.x_grid is not None:
+        arrays.update(grid_probs=main.probs, grid_uncertainty=main.uncertainty)
+    return arrays, inference_seconds
+
+
+def metrics_from_predictions(data: Any, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """The evaluation metrics (all of METRIC_NAMES but the timings) from predict_splits' arrays; adds
+    `grid_distance` (each grid point's distance to the training data) to `arrays` on grid data sets."""
+    from sngp_models import metrics  # scipy + scikit-learn: imported only when evaluating
+
+    test_metrics = metrics.classification_metrics(data.y_test, arrays["test_probs"])
+    values = {
+        "train_accuracy": metrics.accuracy(data.y_train, arrays["train_probs"]),
+        "test_accuracy": test_metrics["accuracy"],
+        "nll": test_metrics["nll"],
+        "brier": test_metrics["brier"],
+        "ece": test_metrics["ece"],
+        "ood_mean_max_prob": float(arrays["ood_probs"].max(axis=1).mean()),
+        **metrics.ood_metrics(arrays["test_uncertainty"], arrays["ood_uncertainty"]),
+    }
+    if data.x_grid is not None:
+        # Distance awareness as a number: does uncertainty grow with distance to the training data?
+        distance = metrics.distance_to_nearest(data.x_grid, data.x_train)
+        arrays["grid_distance"] = distance
+        values["grid_mean_uncertainty"] = float(arrays["grid_uncertainty"].mean())
+        values["distance_uncertainty_spearman"] = metrics.distance_uncertainty_spearman(
+            arrays["grid_uncertainty"], distance
+        )
+    return {k: float(v) for k, v in values.items()}
+
+
+def evaluate(model: Any, data: Any) -> dict[str, float]:
+    """Every metric of METRIC_NAMES that `model` and `data` determine (all but `train_seconds`)."""
+    arrays, inference_seconds = predict_splits(model, data)
+    return {**metrics_from_predictions(data, arrays), "inference_seconds": inference_seconds}
