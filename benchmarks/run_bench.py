@@ -432,7 +432,7 @@ def main(argv=None) -> int:
     # Cold-run stages: Prefect task runs + MLflow metrics/timestamps (first parent run = the cold one).
     print("run_bench: imports-only process ...", flush=True)
     imports_seconds, _ = timed(
-        [python, "-c", "import flows.cli, flows.run_command, flows.pipeline"],
+        [python, "-c", "import flows.cli, flows.cli.run, flows.pipeline"],
         cwd=run_dir,
         env=env,
         log=tmp / "imports.log",

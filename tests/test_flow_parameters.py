@@ -6,7 +6,7 @@ import inspect
 from flows.config import PipelineConfig, load_config
 from flows.pipeline import uncertainty_pipeline
 from flows.retrain import retrain
-from flows.run_command import flow_kwargs
+from flows.cli.common import flow_kwargs
 
 
 def test_pipeline_flow_accepts_every_section_but_retrain():

@@ -165,7 +165,8 @@ def _write_case_files(folder) -> None:
 def in_tmp(tmp_path, monkeypatch):
     """A clean working directory and environment; a case that wrongly passes validation stops before
     Prefect starts (terminate_on_sigterm is the first step after validation)."""
-    from flows import retrain_command, run_command
+    from flows.cli import retrain as retrain_command
+    from flows.cli import run as run_command
 
     saved = dict(os.environ)  # run_command sets SNGP_CACHE_DIR / MLFLOW_TRACKING_URI itself
     for name in list(os.environ):
