@@ -100,11 +100,11 @@ def test_every_deployment_uses_the_served_work_pool(deployments):
 
 
 def test_sweep_point_deployment_is_the_one_sngp_sweep_dispatches_to(deployments):
-    from flows.sweep_command import DEFAULT_DEPLOYMENT, POINT_FLOW
+    from flows.cli.sweep import DEFAULT_DEPLOYMENT
 
     pool = deployments["pool"]
     assert f"{FLOW_NAMES[pool['entrypoint'].partition(':')[0]]}/pool" == DEFAULT_DEPLOYMENT
-    assert POINT_FLOW == "sweep-point" and pool["parameters"] == {} and "schedules" not in pool
+    assert pool["parameters"] == {} and "schedules" not in pool
     # Every parameter a dispatched flow run gets is one the flow accepts.
     from flows.sweep_point_flow import sweep_point_flow
 

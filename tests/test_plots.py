@@ -101,12 +101,6 @@ def test_plot_comparison(data, tmp_path) -> None:
     assert out.stat().st_size > 0
 
 
-def test_constants() -> None:
-    assert P.TRAIN_COLORS == ("#377eb8", "#ff7f00")
-    assert P.DISPLAY_NAMES["mc_dropout"] == "MC Dropout"
-    assert P.DISPLAY_NAMES["deep_ensemble"] == "Deep Ensemble"
-
-
 def test_wrong_grid_size_raises(data) -> None:
     with pytest.raises(ValueError, match="grid_probs"):
         P.plot_method(data["probs"][:-1], data["unc"], model_name="m", **_common(data))
