@@ -9,17 +9,20 @@ tasks return their paths.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prefect.cache_policies import INPUTS, TASK_SOURCE
-from prefect.locking.filesystem import FileSystemLockManager
+from prefect.locking.protocol import LockManager
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,11 +74,17 @@ def write_atomic(path: Path, write) -> Path:
 # folder) run once; the others wait and read the cached result.
 
 LOCK_HOLD_SECONDS = 6 * 3600  # last resort for a holder on another host that died without releasing
+LOCK_POLL_SECONDS = 0.1
 HOST = socket.gethostname()
 
 
 def process_start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot, Linux), to tell a live holder from pid reuse."""
+    """The process's start time (clock ticks since boot, Linux), to tell a live holder from pid reuse.
+
+    Read from /proc rather than psutil's create_time(): that one is seconds since the epoch, derived
+    from the wall clock, so it moves when NTP or an admin sets the clock and a live holder would look
+    like a new process. Ticks since boot never change. None where /proc is missing (then the pid decides).
+    """
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
@@ -83,91 +92,211 @@ def process_start_time(pid: int) -> str | None:
 
 
 def process_alive(pid: int, started: str | None) -> bool:
+    """Whether process `pid` of this host still runs and is the one that started at `started`
+    (a zombie, killed but not yet reaped by its parent, counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
     return started is None or process_start_time(pid) in (None, started)
 
 
-class ProcessLockManager(FileSystemLockManager):
-    """Prefect's file-system lock manager, except that a lock dies with the process that holds it.
+@dataclass(frozen=True)
+class LockRecord:
+    """What a lock file says: who holds it, from which process, until when."""
 
-    Prefect's lock files carry no expiry, so a run killed with SIGKILL while it held a task's lock
-    (it was training) would make every later run of that task wait forever. Here each lock file also
-    records the holder's host, pid and process start time, is created complete (written aside, then
-    hard-linked into place, so nobody reads a half-written lock), and a lock whose process on this host
-    is gone counts as released. Locks from other hosts expire after LOCK_HOLD_SECONDS as a last resort.
+    holder: str
+    expiration: datetime
+    host: str | None = None
+    pid: int | None = None
+    started: str | None = None
+
+    def alive(self) -> bool:
+        """The holder still holds it: not expired and, on this host, its process still runs."""
+        if self.expiration <= datetime.now(UTC):
+            return False
+        if self.host == HOST and self.pid is not None:
+            return process_alive(self.pid, self.started)
+        return True
+
+
+class ProcessLockManager(LockManager):
+    """Prefect's lock-manager interface on lock files in one folder, where a lock dies with its process.
+
+    Prefect's own FileSystemLockManager writes lock files without an expiry, so a run killed with
+    SIGKILL while it held a task's lock (it was training) would make every later run of that task wait
+    forever; it also exposes nothing to extend but private methods. So this implements the public
+    protocol (prefect.locking.protocol.LockManager) itself: each lock file `<key>.lock` records the
+    holder, host, pid, process start time and an expiry, and is created complete (written aside, then
+    hard-linked into place: atomic, and fails if the lock exists). A lock whose process on this host is
+    gone is free (its file is removed by whoever notices); any lock, and so one held from another host,
+    expires after `hold_seconds` (LOCK_HOLD_SECONDS unless Prefect asks for a hold timeout) as a last
+    resort. Nothing is cached in memory: every answer reads the file, so processes sharing the folder
+    agree, and the manager pickles (sweep points run on Dask workers).
     """
 
     def __init__(self, lock_files_directory: str | os.PathLike, hold_seconds: float = LOCK_HOLD_SECONDS):
-        super().__init__(Path(lock_files_directory))
+        self.lock_files_directory = Path(lock_files_directory).expanduser().resolve()
         self.hold_seconds = hold_seconds
 
-    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
-        self._ensure_lock_files_directory_exists()
-        path = self.lock_files_directory / f"{key}.lock"
-        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
-        while True:
-            if self.is_locked(key) and not self.is_lock_holder(key, holder):
-                left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
-                if not self.wait_for_lock(key, left):
-                    return False
-            expiration = datetime.now(UTC) + timedelta(seconds=hold_timeout or self.hold_seconds)
-            info = {"holder": holder, "expiration": expiration.isoformat(), "host": HOST,
-                    "pid": os.getpid(), "started": process_start_time(os.getpid())}  # fmt: skip
-            tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}")
-            tmp.write_text(json.dumps(info))
-            try:
-                os.link(tmp, path)  # atomic: fails if someone holds the lock
-            except FileExistsError:
-                if self.is_lock_holder(key, holder):
-                    return True
-                continue  # taken meanwhile: wait again
-            finally:
-                tmp.unlink(missing_ok=True)
-            self._locks[key] = {"holder": holder, "expiration": expiration, "path": path}
-            return True
+    def __eq__(self, other: object) -> bool:  # Prefect compares the lock managers of combined policies
+        if not isinstance(other, ProcessLockManager):
+            return NotImplemented
+        return self.identity() == other.identity()
 
-    async def aacquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
-        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+    def __hash__(self) -> int:
+        return hash(self.identity())
 
-    def _get_lock_info(self, key: str, use_cache: bool = True):
-        if use_cache and (cached := self._locks.get(key)) is not None:
-            return cached
-        path = self.lock_files_directory / f"{key}.lock"
+    def identity(self) -> tuple[Path, float]:
+        return self.lock_files_directory, self.hold_seconds
+
+    def __repr__(self) -> str:
+        return f"ProcessLockManager({str(self.lock_files_directory)!r})"
+
+    def lock_path(self, key: str) -> Path:
+        return self.lock_files_directory / f"{key}.lock"
+
+    def current_lock(self, key: str) -> LockRecord | None:
+        """The live lock on `key`, None if it is free. A dead lock's file is removed."""
+        path = self.lock_path(key)
         try:
-            raw = json.loads(path.read_bytes() or b"{}")
+            content = path.read_bytes()
+            modified = path.stat().st_mtime
         except FileNotFoundError:
-            self._locks.pop(key, None)
             return None
-        except ValueError:  # a lock file written by another tool, still being written: held
-            raw = {}
-        if raw.get("host") == HOST and isinstance(raw.get("pid"), int):
-            if not process_alive(raw["pid"], raw.get("started")):
-                path.unlink(missing_ok=True)  # its holder was killed: the lock died with it
-                self._locks.pop(key, None)
-                return None
-        expiration = raw.get("expiration")
-        info = {
-            "holder": raw.get("holder", ""),
-            "expiration": datetime.fromisoformat(expiration) if expiration else None,
-            "path": path,
-        }
-        self._locks[key] = info
-        return info
+        record = _parse_lock(content, modified, self.hold_seconds)
+        if record.alive():
+            return record
+        _remove_if_unchanged(path, content)
+        return None
 
-    def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        info = self._get_lock_info(key, use_cache=use_cache)
-        if info is None:
-            return False
-        if info["expiration"] is not None and info["expiration"] < datetime.now(UTC):
-            Path(info["path"]).unlink(missing_ok=True)
-            self._locks.pop(key, None)
-            return False
+    def try_acquire(self, key: str, holder: str, hold_timeout: float | None = None) -> bool:
+        """One attempt, never waits: True if `holder` holds the lock now (it may already have)."""
+        current = self.current_lock(key)
+        if current is not None:
+            return current.holder == holder
+        self.lock_files_directory.mkdir(parents=True, exist_ok=True)
+        path = self.lock_path(key)
+        hold = self.hold_seconds if hold_timeout is None else hold_timeout
+        expiration = (datetime.now(UTC) + timedelta(seconds=hold)).isoformat()
+        pid = os.getpid()
+        started = process_start_time(pid)
+        record = {"holder": holder, "expiration": expiration, "host": HOST, "pid": pid, "started": started}
+        tmp = path.with_name(f".{path.name}.{pid}-{os.urandom(4).hex()}")
+        tmp.write_text(json.dumps(record))
+        try:
+            os.link(tmp, path)  # atomic; fails if someone took the lock since we looked
+        except FileExistsError:
+            return self.is_lock_holder(key, holder)
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
+
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while not self.try_acquire(key, holder, hold_timeout):
+            pause = _pause_before(deadline)
+            if pause is None:
+                return False
+            time.sleep(pause)
+        return True
+
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while not self.try_acquire(key, holder, hold_timeout):
+            pause = _pause_before(deadline)
+            if pause is None:
+                return False
+            await asyncio.sleep(pause)
+        return True
+
+    def release_lock(self, key: str, holder: str) -> None:
+        """Remove `holder`'s lock. A lock that is already gone (expired, or the cache folder was
+        deleted meanwhile) leaves nothing to do; someone else's lock is an error, as in Prefect."""
+        path = self.lock_path(key)
+        try:
+            content = path.read_bytes()
+        except FileNotFoundError:
+            return
+        record = _parse_lock(content, 0.0, self.hold_seconds)
+        if record.holder != holder:
+            if self.current_lock(key) is None:
+                return
+            raise ValueError(f"No lock held by {holder} for transaction with key {key}")
+        _remove_if_unchanged(path, content)
+
+    def is_locked(self, key: str) -> bool:
+        return self.current_lock(key) is not None
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        current = self.current_lock(key)
+        return current is not None and current.holder == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            pause = _pause_before(deadline)
+            if pause is None:
+                return False
+            time.sleep(pause)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            pause = _pause_before(deadline)
+            if pause is None:
+                return False
+            await asyncio.sleep(pause)
+        return True
+
+
+def _parse_lock(content: bytes, modified: float, hold_seconds: float) -> LockRecord:
+    """A lock file's record. Without a readable expiry it expires `hold_seconds` after it was written."""
+    try:
+        raw = json.loads(content)
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict):
+        raw = {}
+    try:
+        expiration = datetime.fromisoformat(raw["expiration"])
+        if expiration.tzinfo is None:
+            expiration = expiration.replace(tzinfo=UTC)
+    except (KeyError, TypeError, ValueError):
+        expiration = datetime.fromtimestamp(modified, UTC) + timedelta(seconds=hold_seconds)
+    pid = raw.get("pid")
+    return LockRecord(
+        holder=str(raw.get("holder", "")),
+        expiration=expiration,
+        host=raw.get("host"),
+        pid=pid if isinstance(pid, int) else None,
+        started=raw.get("started"),
+    )
+
+
+def _remove_if_unchanged(path: Path, content: bytes) -> None:
+    """Delete the lock file if it still holds `content` (not a lock someone took since it was read)."""
+    try:
+        if path.read_bytes() == content:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _pause_before(deadline: float | None) -> float | None:
+    """Seconds to sleep before the next look at a lock; None once `deadline` (monotonic) has passed."""
+    if deadline is None:
+        return LOCK_POLL_SECONDS
+    left = deadline - time.monotonic()
+    return None if left <= 0 else min(LOCK_POLL_SECONDS, left)
 
 
 def task_lock_manager() -> ProcessLockManager:
