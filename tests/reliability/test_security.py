@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from flows import serve
+from flows.cli import build_parser
+from flows.config import ConfigError, load_config
 from tasks.redaction import redact
 
 from .conftest import PASSWORD
@@ -24,8 +26,6 @@ from .helpers import REPO, children, client
 
 
 def test_serve_defaults_to_loopback():
-    from flows.cli import build_parser
-
     assert serve.DEFAULT_HOST == "127.0.0.1"
     assert serve.Services("/tmp/unused-sngp-data").host == "127.0.0.1"
     args = build_parser().parse_args(["serve", "--data-dir", "/tmp/unused-sngp-data"])
@@ -172,8 +172,6 @@ def test_env_example_holds_only_placeholders():
 
 
 def test_config_loader_refuses_python_tags(tmp_path):
-    from flows.config import ConfigError, load_config
-
     path = tmp_path / "evil.yaml"
     path.write_text(f"seed: !!python/object/apply:os.system ['touch {tmp_path / 'PWNED'}']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
