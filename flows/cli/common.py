@@ -4,16 +4,21 @@ imported, and the one error type that becomes a one-line message with exit code 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import inspect
 import os
 import signal
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flows.config import ConfigError, PipelineConfig, load_config
+from flows.ops.local_prefect import start_if_local
 from tasks.redaction import redact
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "default.yaml"
@@ -39,6 +44,23 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one setting, value parsed as YAML; repeatable, e.g. "
         "--set training.epochs=5 --set methods=[sngp]",
     )
+
+
+def add_tracking_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+        "in the working directory with artefacts in ./mlartifacts)",
+    )
+
+
+def checked_config(args: argparse.Namespace) -> PipelineConfig:
+    """The validated config of `args`, once the cache folder and the tracking URI are known to work."""
+    config = config_from_args(args)
+    check_cache_dir()
+    return check_tracking(config)  # also keeps a password in the URI out of the flow's parameters
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -132,3 +154,32 @@ def flow_kwargs(config: PipelineConfig, flow=None) -> dict:
     (the pipeline flow has no `retrain` parameter)."""
     accepted = PipelineConfig.model_fields if flow is None else inspect.signature(flow.fn).parameters
     return {name: getattr(config, name) for name in PipelineConfig.model_fields if name in accepted}
+
+
+def run_flow(failure: str, config: PipelineConfig, load_flow: Callable[[], Any]) -> Any | None:
+    """Run a pipeline flow (`load_flow()` imports and returns it) on `config` in this process -> its
+    final state, or None once a failed run has been reported as one line starting with `failure`.
+
+    In local mode Prefect's temporary server starts first and the heavy imports (Prefect, MLflow and,
+    on a first run, TensorFlow) happen while it starts: most of a cached run's time otherwise."""
+    terminate_on_sigterm()
+    local_server = start_if_local()
+    flow = load_flow()
+    from tasks import tracking  # lazy: MLflow loads only after the config checks, while Prefect starts
+
+    tracking.warm_up(tracking.resolve_tracking_uri(config.mlflow.tracking_uri))
+    if local_server is not None:
+        if local_server.creates_database and not local_server.ready():
+            # A first run on this machine: Prefect still migrates its new database (~5 s) and the run
+            # will train, so load TensorFlow and the models (~3.5 s) now instead of in the first task.
+            import sngp_models.models  # noqa: F401 - lazy: TensorFlow, only on a first run
+        local_server.wait_ready()
+    with local_server.flow_settings() if local_server is not None else contextlib.nullcontext():
+        state = flow(**flow_kwargs(config, flow), return_state=True)
+    if state.is_completed():
+        return state
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - reported as one line
+        print(f"{failure}: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+    return None

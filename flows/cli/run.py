@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import sys
 import time
 from pathlib import Path
 
-from flows.cli.common import (
-    add_config_arguments,
-    check_cache_dir,
-    check_tracking,
-    config_from_args,
-    flow_kwargs,
-    terminate_on_sigterm,
-)
-from flows.ops.local_prefect import start_if_local
+from flows.cli.common import add_config_arguments, add_tracking_argument, checked_config, run_flow
 from sngp_models.evaluation import SUMMARY_METRICS
 from tasks.redaction import redact
 
@@ -26,13 +16,7 @@ HELP = "Run the uncertainty pipeline once (Prefect local mode unless PREFECT_API
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
-        "in the working directory with artefacts in ./mlartifacts)",
-    )
+    add_tracking_argument(parser)
     parser.add_argument(
         "--cache-dir",
         metavar="DIR",
@@ -47,36 +31,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
     if args.cache_dir:
         os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
-    check_cache_dir()
-    config = check_tracking(config)
-    terminate_on_sigterm()
+    config = checked_config(args)
     started = time.perf_counter()
-    local_server = start_if_local()  # overlaps Prefect's ~5 s server start-up with our imports
-    from flows.pipeline import uncertainty_pipeline  # Prefect/MLflow import only after the config is valid
-    from tasks import tracking
-
-    # MLflow's one-off work (its store, the package index log_model checks) while the server starts.
-    tracking.warm_up(tracking.resolve_tracking_uri(config.mlflow.tracking_uri))
-    if local_server is not None:
-        if local_server.creates_database and not local_server.ready():
-            # A first run on this machine: Prefect still migrates its new database (~5 s) and the run
-            # will train, so load TensorFlow and the models (~3.5 s) now instead of in the first task.
-            import sngp_models.models  # noqa: F401
-        local_server.wait_ready()
-
-    with local_server.flow_settings() if local_server is not None else contextlib.nullcontext():
-        state = uncertainty_pipeline(**flow_kwargs(config, uncertainty_pipeline), return_state=True)
-    if state.is_failed() or state.is_crashed() or state.is_cancelled():
-        try:
-            state.result()
-        except BaseException as exc:  # noqa: BLE001 - reported as one line below
-            print(f"sngp run: pipeline failed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+    state = run_flow("sngp run: pipeline failed", config, load_pipeline)
+    if state is None:
         return 1
     print_summary(state.result(), time.perf_counter() - started, flow_run_seconds(state))
     return 0
+
+
+def load_pipeline():
+    from flows.pipeline import uncertainty_pipeline  # lazy: Prefect loads while its server starts
+
+    return uncertainty_pipeline
 
 
 def flow_run_seconds(state) -> float | None:

@@ -4,15 +4,24 @@ flow runs on a Prefect work pool."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from flows.cli.common import UserError
+from flows.cli.common import UserError, check_cache_dir, terminate_on_sigterm
 from flows.config import ConfigError
+from flows.ops.local_prefect import start_if_local
+from tasks.redaction import redact
+from tasks.sweep_points import format_settings
+
+if TYPE_CHECKING:
+    from flows.sweep_spec import SweepSpec
 
 HELP = "Run a hyperparameter sweep (conf/sweep_*.yaml) on a thread pool, a Dask cluster or a work pool."
 DEFAULT_DEPLOYMENT = "sweep-point/pool"  # prefect.yaml; registered by `make deploy`
@@ -91,16 +100,36 @@ def runner_kind(args: argparse.Namespace) -> str:
     return runner
 
 
-def choose_runner(args: argparse.Namespace, points: int = 1):
-    """(task runner, description) from the options; UserError for combinations that clash.
+def check_runner_options(args: argparse.Namespace) -> str:
+    """The runner ('thread', 'dask' or 'workpool'), after the checks that need neither Prefect nor a
+    server; UserError for options that clash or cannot work."""
+    runner = runner_kind(args)
+    if runner == "thread":
+        if args.dask_address or args.dask_workers:
+            raise UserError("--dask-address/--dask-workers need --runner dask (or leave --runner out)")
+        if args.threads < 1:
+            raise UserError(f"--threads: must be >= 1, got {args.threads}")
+    if runner == "dask":
+        if args.dask_address and args.dask_workers:
+            raise UserError(
+                "give either --dask-address (an existing cluster) or --dask-workers (a local one)"
+            )
+        if args.dask_address:
+            check_scheduler(args.dask_address)
+        elif (args.dask_workers or 2) < 1:
+            raise UserError(f"--dask-workers: must be >= 1, got {args.dask_workers}")
+    return runner
+
+
+def choose_runner(args: argparse.Namespace, runner: str, points: int = 1):
+    """(task runner, description) for check_runner_options' `runner`.
 
     Runner workpool: a thread pool of this process whose tasks dispatch the points to the work pool
-    and wait for them (one thread per point, at most flows.sweep.MAX_DISPATCHED)."""
-    runner = runner_kind(args)
-    if runner == "workpool":
-        from prefect.task_runners import ThreadPoolTaskRunner
+    and wait for them (one thread per point, at most tasks.sweep.MAX_DISPATCHED)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
 
-        from flows.sweep import MAX_DISPATCHED
+    if runner == "workpool":
+        from tasks.sweep import MAX_DISPATCHED
 
         deployment = args.deployment or DEFAULT_DEPLOYMENT
         pool, online = check_deployment(deployment)
@@ -114,29 +143,17 @@ def choose_runner(args: argparse.Namespace, points: int = 1):
         runner_ = ThreadPoolTaskRunner(max_workers=max(1, min(points, MAX_DISPATCHED)))
         return runner_, f"work pool {pool!r} via deployment {deployment} ({workers})"
     if runner == "thread":
-        if args.dask_address or args.dask_workers:
-            raise UserError("--dask-address/--dask-workers need --runner dask (or leave --runner out)")
-        if args.threads < 1:
-            raise UserError(f"--threads: must be >= 1, got {args.threads}")
-        from prefect.task_runners import ThreadPoolTaskRunner
-
         return ThreadPoolTaskRunner(max_workers=args.threads), f"thread pool ({args.threads} threads)"
-    if args.dask_address and args.dask_workers:
-        raise UserError("give either --dask-address (an existing cluster) or --dask-workers (a local one)")
-    _quiet_dask()
+    quiet_dask()
+    import dask
     from prefect_dask import DaskTaskRunner
 
     if args.dask_address:
-        check_scheduler(args.dask_address)
         return DaskTaskRunner(address=args.dask_address), f"Dask cluster at {args.dask_address}"
     workers = args.dask_workers or 2
-    if workers < 1:
-        raise UserError(f"--dask-workers: must be >= 1, got {workers}")
-    import dask
-
     # TensorFlow is not fork-safe: worker processes start fresh (spawn), as Dask does by default.
     dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
-    runner = DaskTaskRunner(
+    runner_ = DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
             "n_workers": workers,
@@ -146,10 +163,10 @@ def choose_runner(args: argparse.Namespace, points: int = 1):
             "dashboard_address": None,
         },
     )
-    return runner, f"local Dask cluster ({workers} worker processes)"
+    return runner_, f"local Dask cluster ({workers} worker processes)"
 
 
-def _quiet_dask() -> None:
+def quiet_dask() -> None:
     # Dask logs every connection at INFO; keep warnings. The env var reaches spawned worker processes.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -220,12 +237,11 @@ def check_scheduler(address: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from flows.cli.common import check_cache_dir, terminate_on_sigterm
-
     if args.cache_dir:
         os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
     check_cache_dir()
-    from flows.sweep import SweepError, expand, load_sweep, run_sweep
+    # scikit-learn's grids (~2 s of imports) only for `sngp sweep`: every sngp command loads this module.
+    from flows.sweep_spec import SweepError, expand, load_sweep
 
     extra = [f"mlflow.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
     try:
@@ -233,26 +249,36 @@ def main(args: argparse.Namespace) -> int:
     except (SweepError, ConfigError) as exc:
         raise UserError(str(exc)) from None
     points = len(expand(spec))
-    deployment = (args.deployment or DEFAULT_DEPLOYMENT) if runner_kind(args) == "workpool" else None
-    task_runner, where = choose_runner(args, points)
+    runner = check_runner_options(args)
+    # Local mode: one temporary Prefect server for the flow and every worker process (they inherit
+    # PREFECT_API_URL). The work pool needs a real server (check_deployment says so).
+    local_server = start_if_local() if runner != "workpool" else None
+    from flows.sweep import sweep  # Prefect only now: a bad sweep file or option starts nothing
+    from tasks.cache import cache_root
+
+    os.environ["SNGP_CACHE_DIR"] = str(cache_root())  # absolute, inherited by local worker processes
+    task_runner, where = choose_runner(args, runner, points)
+    deployment = (args.deployment or DEFAULT_DEPLOYMENT) if runner == "workpool" else None
     terminate_on_sigterm()
     print(f"Sweep {args.config}: {points} points on {where}")
-    state, seconds = run_sweep(spec, base, task_runner, deployment)
+    started = time.perf_counter()
+    if local_server is not None:
+        local_server.wait_ready()
+    with local_server.flow_settings() if local_server is not None else contextlib.nullcontext():
+        flow_ = sweep.with_options(task_runner=task_runner)
+        state = flow_(spec=spec, base=base, deployment=deployment, return_state=True)
     if not state.is_completed():
         try:
             state.result()
         except BaseException as exc:  # noqa: BLE001 - reported as one line
-            print(f"sngp sweep: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"sngp sweep: failed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         return 1
     summary = state.result()
-    print_summary(spec, summary, seconds, where)
+    print_summary(spec, summary, time.perf_counter() - started, where)
     return 1 if summary["failed"] else 0
 
 
-def print_summary(spec, summary: dict, seconds: float, where: str) -> None:
-    from flows.sweep import Outcome, Point, _fmt, aggregate
-    from tasks.tracking import redact
-
+def print_summary(spec: SweepSpec, summary: dict, seconds: float, where: str) -> None:
     points = summary["points"]
     cached = sum(p["cached"] for p in points)
     failed = [p for p in points if p["status"] != "FINISHED"]
@@ -276,16 +302,11 @@ def print_summary(spec, summary: dict, seconds: float, where: str) -> None:
         values = p["metrics"]
         cells = "".join(f"{values[m]:>{cols[m]}.4f}" if m in values else f"{'-':>{cols[m]}}" for m in metrics)
         print(f"{p['id']:<6}{p['label']:<{width}}{p['status']:<10}{cells}  {'yes' if p['cached'] else '-'}")
-    outcomes = [
-        Outcome(Point(p["id"], p["method"], p["settings"], p["seed"], p["label"]), p["status"], p["metrics"])
-        for p in points
-    ]
-    rows = aggregate(spec, outcomes)
     if len(spec.seeds) > 1:
         print()
         print(f"Mean ± std over seeds {', '.join(str(s) for s in spec.seeds)}:")
-        for row in rows:
-            setting = " ".join(f"{k}={_fmt(v)}" for k, v in row["settings"].items())
+        for row in summary["aggregates"]:
+            setting = format_settings(row["settings"])
             cells = "  ".join(f"{m} {s['mean']:.4f}±{s['std']:.4f}" for m, s in row["stats"].items())
             print(f"  {row['method']} {setting} (n={row['seeds']}): {cells or 'no finished seeds'}")
     if failed:

@@ -164,7 +164,7 @@ def _write_case_files(folder) -> None:
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """A clean working directory and environment; a case that wrongly passes validation stops before
-    Prefect starts (terminate_on_sigterm is the first step after validation)."""
+    Prefect starts (run_flow is the first step after validation)."""
     from flows.cli import retrain as retrain_command
     from flows.cli import run as run_command
 
@@ -178,8 +178,8 @@ def in_tmp(tmp_path, monkeypatch):
     def passed(*_):
         raise AssertionError("the bad input passed validation")
 
-    monkeypatch.setattr(run_command, "terminate_on_sigterm", passed)
-    monkeypatch.setattr(retrain_command, "terminate_on_sigterm", passed)
+    monkeypatch.setattr(run_command, "run_flow", passed)
+    monkeypatch.setattr(retrain_command, "run_flow", passed)
     _write_case_files(tmp_path)
     yield tmp_path
     os.environ.clear()
