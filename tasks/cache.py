@@ -99,7 +99,7 @@ def process_alive(pid: int, started: str | None) -> bool:
             return False
     except psutil.NoSuchProcess:
         return False
-    except psutil.AccessDenied:
+    except (psutil.AccessDenied, ValueError):  # not ours to inspect, or not a pid: assume it lives
         return True
     return started is None or process_start_time(pid) in (None, started)
 
@@ -272,13 +272,13 @@ def _parse_lock(content: bytes, modified: float, hold_seconds: float) -> LockRec
             expiration = expiration.replace(tzinfo=UTC)
     except (KeyError, TypeError, ValueError):
         expiration = datetime.fromtimestamp(modified, UTC) + timedelta(seconds=hold_seconds)
-    pid = raw.get("pid")
+    pid, started = raw.get("pid"), raw.get("started")
     return LockRecord(
         holder=str(raw.get("holder", "")),
         expiration=expiration,
         host=raw.get("host"),
-        pid=pid if isinstance(pid, int) else None,
-        started=raw.get("started"),
+        pid=pid if isinstance(pid, int) and pid > 0 else None,
+        started=None if started is None else str(started),
     )
 
 
