@@ -2,7 +2,7 @@
 
 The sweep (flows/sweep.py) runs in the `sngp sweep` process and dispatches one flow run of this flow's
 deployment (`sweep-point/pool` in prefect.yaml, registered by `make deploy`) per point; the work
-pool's workers share them. Each run calls the sweep's own cached `sweep-point` task (point_task(), so
+pool's workers share them. Each run calls the sweep's own cached `sweep-point` task (tasks/sweep.py, so
 the same model settings, data file and code are a cache hit whichever runner computed them first),
 and leaves its result for the sweep as JSON in the shared cache folder,
 `<cache>/sweeps/points/<flow run id>.json` (written atomically), so nothing depends on Prefect's
@@ -10,8 +10,9 @@ result storage being shared between machines. The sweep records the point in MLf
 writes no MLflow runs.
 
 The result is the task's dict (metrics, training curves, model directory) plus `cached` (was the task
-a cache hit), `prefect_worker` (the worker that ran this flow run: PREFECT__WORKER_NAME, set by
-Prefect's process worker), and the host and pid of this flow-run process.
+a cache hit), `prefect_worker` (the worker that ran this flow run: SNGP_WORKER_NAME, which `sngp serve`
+sets for each of its workers, else the flow run's label `prefect.worker.name`), and the host and pid
+of this flow-run process.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import os
 import socket
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
-from flows.sweep import check_shared_cache, point_result_path, point_task
 from tasks.cache import CODE_VERSION, write_atomic
+from tasks.sweep import check_shared_cache, point_result_path, point_task
 
 
 @flow(name="sweep-point", persist_result=False, log_prints=True)
@@ -38,7 +40,7 @@ def sweep_point_flow(
     (tasks.cache.CODE_VERSION); a worker running other code fails the point instead of computing it
     with different code."""
     logger = get_run_logger()
-    worker = os.environ.get("PREFECT__WORKER_NAME", "")
+    worker = worker_name()
     where = f"{socket.gethostname()}:{os.getpid()}"
     if code_version is not None and code_version != CODE_VERSION:
         raise RuntimeError(
@@ -68,3 +70,12 @@ def sweep_point_flow(
         "%s: %s on %s (%s)", label, "cached" if record["cached"] else "computed", worker or "no worker", where
     )
     return record
+
+
+def worker_name() -> str:
+    """The work-pool worker running this flow run ('' when run outside a worker)."""
+    if os.environ.get("SNGP_WORKER_NAME"):
+        return os.environ["SNGP_WORKER_NAME"]
+    context = FlowRunContext.get()
+    labels = (context.flow_run.labels if context is not None and context.flow_run is not None else None) or {}
+    return str(labels.get("prefect.worker.name", ""))

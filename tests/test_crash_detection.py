@@ -6,25 +6,28 @@ and a sweep point whose flow run the automation crashed is reported as one that 
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
 
-from flows import serve
-from flows.cli import UserError
+from flows.ops import automation
+from flows.ops.errors import ServiceError
+from flows.ops.stack import Services
+
+
+def _as_sent(ours) -> dict:
+    """The JSON `Automation.create()` sends to the server (everything but the id it does not have yet)."""
+    return ours.model_dump(mode="json", exclude={"id"})
 
 
 def test_the_automation_is_prefects_zombie_check_with_a_window_from_the_heartbeat():
     from prefect.server.events.schemas.automations import AutomationCreate, Posture
 
-    automation = serve.crash_automation(30)
-    json.dumps(automation)  # plain JSON, sent as is
-    parsed = AutomationCreate.model_validate(automation)  # what the server's API accepts
+    parsed = AutomationCreate.model_validate(_as_sent(automation.crash_automation(30)))
     trigger = parsed.trigger
-    assert parsed.name == serve.CRASH_AUTOMATION_NAME and parsed.enabled
+    assert parsed.name == automation.CRASH_AUTOMATION_NAME and parsed.enabled
     assert trigger.posture == Posture.Proactive and trigger.threshold == 1
     assert trigger.within == timedelta(seconds=120)  # 3 heartbeats + 30 s
     assert trigger.after == {"prefect.flow-run.heartbeat"}
@@ -34,12 +37,11 @@ def test_the_automation_is_prefects_zombie_check_with_a_window_from_the_heartbea
     assert not trigger.expects("prefect.flow-run.Running")
     [action] = parsed.actions
     assert action.type == "change-flow-run-state" and action.state.value == "CRASHED" and not action.force
-    assert action.message == serve.crash_message(30)
+    assert action.message == automation.crash_message(30)
     assert "No heartbeat for 120 s: the flow run stopped responding" in action.message
-    assert serve.crash_after_seconds(60) == 210
-    assert AutomationCreate.model_validate(serve.crash_automation(60)).trigger.within == timedelta(
-        seconds=210
-    )
+    assert automation.crash_after_seconds(60) == 210
+    sixty = _as_sent(automation.crash_automation(60))
+    assert AutomationCreate.model_validate(sixty).trigger.within == timedelta(seconds=210)
 
 
 def test_the_trigger_covers_flow_runs_of_deployments_only():
@@ -48,7 +50,7 @@ def test_the_trigger_covers_flow_runs_of_deployments_only():
     from prefect.server.events.schemas.automations import AutomationCreate
     from prefect.server.events.schemas.events import ReceivedEvent
 
-    trigger = AutomationCreate.model_validate(serve.crash_automation(30)).trigger
+    trigger = AutomationCreate.model_validate(_as_sent(automation.crash_automation(30))).trigger
     run = f"prefect.flow-run.{uuid.uuid4()}"
     deployment = {
         "prefect.resource.id": f"prefect.deployment.{uuid.uuid4()}",
@@ -76,41 +78,30 @@ def test_the_workers_get_the_heartbeat_and_bad_values_fail_before_anything_start
     monkeypatch.setenv("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", "200")
     data = tmp_path / "d"
 
-    default = serve.Services(data)
-    env = default._worker_env()
+    default = Services(data)
+    env = default.worker_env("w")
     assert (
         env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30" and "PREFECT_RUNNER_HEARTBEAT_FREQUENCY" not in env
     )
     assert (default.heartbeat_seconds, default.crash_after_seconds) == (30, 120)
-    assert (
-        serve.Services(data, heartbeat_seconds=45)._worker_env()["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "45"
-    )
-    off = serve.Services(data, heartbeat_seconds=0)
+    assert Services(data, heartbeat_seconds=45).worker_env("w")["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "45"
+    off = Services(data, heartbeat_seconds=0)
     assert off.crash_after_seconds is None
-    assert off._worker_env()["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "180"  # the user's, untouched
+    assert off.worker_env("w")["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "180"  # the user's, untouched
 
     for bad in (10, 29, -30):
-        with pytest.raises(UserError, match=rf"--heartbeat-seconds must be at least 30 .*\(got {bad}\)"):
-            serve.Services(data, heartbeat_seconds=bad).start()
+        with pytest.raises(ServiceError, match=rf"--heartbeat-seconds must be at least 30 .*\(got {bad}\)"):
+            Services(data, heartbeat_seconds=bad).start()
     assert not data.exists()  # nothing started, nothing written
-
-
-def test_the_serve_command_has_the_option():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    assert parser.parse_args(["--data-dir", "x"]).heartbeat_seconds == 30
-    assert parser.parse_args(["--data-dir", "x", "--heartbeat-seconds", "60"]).heartbeat_seconds == 60
 
 
 @pytest.mark.parametrize(
     "message, expected",
     [
         (
-            serve.crash_message(30),
+            automation.crash_message(30),
             "stopped responding (its worker or machine died) and was marked Crashed: "
-            + serve.crash_message(30),
+            + automation.crash_message(30),
         ),
         (
             "Flow run infrastructure exited with non-zero status code -9.",
@@ -123,7 +114,7 @@ def test_a_crashed_point_is_a_failure_that_says_why(tmp_path, monkeypatch, messa
     import prefect.deployments
     from prefect.states import Crashed
 
-    from flows.sweep import FlowRunFailed, dispatch_point
+    from tasks.sweep import FlowRunFailed, dispatch_point
 
     monkeypatch.setenv("SNGP_CACHE_DIR", str(tmp_path))
     run_id = uuid.uuid4()

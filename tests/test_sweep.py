@@ -163,6 +163,8 @@ def test_local_dask_cluster_gives_identical_metrics(thread_run) -> None:
     workdir, _, reader, _, reference = thread_run
     proc = sweep(workdir, "--runner", "dask", "--dask-workers", "2", cache="cache-dask-local")
     assert proc.returncode == 0, describe(proc)
+    # The workers used the sweep's one temporary Prefect server, which ended with the command.
+    assert not proc.leaked, describe(proc)
     WALL_TIMES["local Dask cluster (2 workers)"] = proc.seconds
     assert "local Dask cluster (2 worker processes)" in proc.stdout
     points = check_complete_record(reader, parent_id_of(proc), cached=False)
@@ -388,7 +390,7 @@ def test_a_setting_multiplies_only_the_points_of_the_methods_it_changes() -> Non
     """conf/sweep_sngp.yaml: 4 x 2 x 2 SNGP settings and 3 ensemble sizes, 3 seeds each = 57 points."""
     from collections import Counter
 
-    from flows.sweep import SweepSpec, expand, load_sweep, point_config
+    from flows.sweep_spec import SweepSpec, expand, load_sweep, point_config
 
     spec, base = load_sweep(REPO / "conf" / "sweep_sngp.yaml")
     points = expand(spec)

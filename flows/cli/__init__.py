@@ -17,7 +17,7 @@ from flows.ops.errors import ServiceError
 SUBCOMMANDS = {
     "run": "flows.cli.run",
     "retrain": "flows.cli.retrain",
-    "serve": "flows.serve",
+    "serve": "flows.cli.serve",
     "sweep": "flows.cli.sweep",
 }
 

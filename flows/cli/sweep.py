@@ -253,11 +253,11 @@ def main(args: argparse.Namespace) -> int:
     # Local mode: one temporary Prefect server for the flow and every worker process (they inherit
     # PREFECT_API_URL). The work pool needs a real server (check_deployment says so).
     local_server = start_if_local() if runner != "workpool" else None
-    from flows.sweep import sweep  # Prefect only now: a bad sweep file or option starts nothing
+    task_runner, where = choose_runner(args, runner, points)  # checks the deployment of a work pool
+    from flows.sweep import sweep  # MLflow only now, once the file, options and deployment are good
     from tasks.cache import cache_root
 
     os.environ["SNGP_CACHE_DIR"] = str(cache_root())  # absolute, inherited by local worker processes
-    task_runner, where = choose_runner(args, runner, points)
     deployment = (args.deployment or DEFAULT_DEPLOYMENT) if runner == "workpool" else None
     terminate_on_sigterm()
     print(f"Sweep {args.config}: {points} points on {where}")

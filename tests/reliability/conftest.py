@@ -1,6 +1,6 @@
 """Fixtures of the reliability battery. The expensive things happen once per session and are shared:
 
-- `stack`: the servers `sngp serve` starts (flows.serve.Services with its defaults: Prefect + MLflow on
+- `stack`: the servers `sngp serve` starts (flows.ops.stack.Services with its defaults: Prefect + MLflow on
   127.0.0.1, SQLite), started in a background thread as soon as the session begins;
 - `smoke_run`: one `sngp run` of the smoke config with all five methods (fresh cache, local SQLite store);
 - `concurrent_sqlite`: four identical smoke runs at once against the MLflow server, sharing one cache;
@@ -46,12 +46,13 @@ BIG_ROWS = 10_000_000
 
 
 class _Stack:
-    """flows.serve.Services (no worker) started from a thread that lives until teardown (Linux ties the
+    """flows.ops.stack.Services (no worker) started from a thread that lives until teardown (Linux ties the
     children's parent-death signal to the starting thread), so start-up overlaps the first tests."""
 
     def __init__(self, data_dir: Path):
-        from flows.pgcluster import free_port
-        from flows.serve import Services
+        from support.pgcluster import free_port
+
+        from flows.ops.stack import Services
 
         prefect_port = free_port()
         mlflow_port = free_port()
@@ -97,7 +98,7 @@ def _stack_starter(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stack(_stack_starter):
-    """The running Services: .prefect_api_url, .mlflow_url, .log_dir, ._children (the server processes)."""
+    """The running Services: .prefect_api_url, .mlflow_url, .log_dir, .children (the server processes)."""
     return _stack_starter.wait()
 
 

@@ -187,7 +187,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def _free_ports() -> tuple[str, str]:
-    from flows.pgcluster import free_port
+    from support.pgcluster import free_port
 
     first, second = free_port(), free_port()
     while second == first:

@@ -1,7 +1,7 @@
 """Concurrency: four `sngp run`s at once against one MLflow tracking server, sharing one cache folder.
 
 SQLite backend (the server `sngp serve` starts, conftest.stack) and PostgreSQL (a throwaway cluster,
-flows.pgcluster; skipped only when the PostgreSQL binaries are missing). Every run must leave a complete
+support.pgcluster; skipped only when the PostgreSQL binaries are missing). Every run must leave a complete
 record (metrics, models, images) and no "database is locked". The runs share cache keys: each training
 runs once (the others wait on the task's lock and read the cached result: tasks.cache.ProcessLockManager
 with SERIALIZABLE isolation, flows.pipeline.configured), and every cached model loads and predicts what
@@ -91,8 +91,11 @@ def test_cached_models_load_and_agree_with_every_record(concurrent_sqlite):
 @pytest.fixture(scope="module")
 def postgres_mlflow(tmp_path_factory):
     """A throwaway PostgreSQL cluster and an MLflow server on it (the command `sngp serve --db` runs)."""
-    from flows.pgcluster import PgCluster, PostgresUnavailable, free_port
-    from flows.serve import DEFAULT_HOST, PostgresURLs, _executable, mlflow_server_command
+    from support.pgcluster import PgCluster, PostgresUnavailable, free_port
+
+    from flows.ops.commands import DEFAULT_HOST, mlflow_server_command
+    from flows.ops.databases import PostgresURLs
+    from flows.ops.processes import executable
 
     cluster = PgCluster()
     try:
@@ -110,7 +113,7 @@ def postgres_mlflow(tmp_path_factory):
     argv = mlflow_server_command(DEFAULT_HOST, port, str(root / "artifacts"))
     log = open(root / "mlflow-server.log", "wb")  # noqa: SIM115 - closed at teardown
     server = subprocess.Popen(
-        [_executable(argv[0]), *argv[1:]],
+        [executable(argv[0]), *argv[1:]],
         env=env,
         cwd=root,
         stdout=log,

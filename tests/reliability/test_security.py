@@ -13,10 +13,11 @@ import psutil
 import pytest
 import yaml
 
-from flows import serve
 from flows.cli import build_parser
 from flows.config import ConfigError, load_config
-from tasks.redaction import redact
+from flows.ops.commands import DEFAULT_HOST
+from flows.ops.stack import Services
+from tasks.redaction import redact, redact_url
 
 from .conftest import PASSWORD
 from .helpers import REPO, children, client
@@ -26,8 +27,8 @@ from .helpers import REPO, children, client
 
 
 def test_serve_defaults_to_loopback():
-    assert serve.DEFAULT_HOST == "127.0.0.1"
-    assert serve.Services("/tmp/unused-sngp-data").host == "127.0.0.1"
+    assert DEFAULT_HOST == "127.0.0.1"
+    assert Services("/tmp/unused-sngp-data").host == "127.0.0.1"
     args = build_parser().parse_args(["serve", "--data-dir", "/tmp/unused-sngp-data"])
     assert args.host == "127.0.0.1"
 
@@ -49,7 +50,7 @@ def _listening(pid: int) -> list[tuple[str, int]]:
 def test_served_stack_listens_on_loopback_only(stack):
     """The servers `sngp serve` starts with its defaults (conftest.stack), checked at the socket level."""
     ports = {"prefect": stack.prefect_port, "mlflow": stack.mlflow_port}
-    for name, child in stack._children.items():
+    for name, child in stack.children.items():
         if name not in ports:
             continue
         sockets = _listening(child.proc.pid)
@@ -204,7 +205,7 @@ def test_redact(text):
 
 @pytest.mark.parametrize("url", ["postgresql://user:secret@host:5432/db", "postgresql://u:p%40ss@h/db"])
 def test_serve_redacts_database_urls(url):
-    shown = serve.redact_url(url)
+    shown = redact_url(url)
     assert "secret" not in shown and "p%40ss" not in shown and ":***@" in shown
 
 

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clean_server_env
-
-from flows.pgcluster import PostgresUnavailable, find_bindir, free_port, pg_cluster
+from support.pgcluster import PostgresUnavailable, find_bindir, free_port, pg_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.pgcluster import PgCluster, PostgresUnavailable, free_port
 
-from flows import serve as serve_module
-from flows.pgcluster import PgCluster, PostgresUnavailable, free_port
-from flows.serve import ServiceError, Services, start_services
+from flows.ops import commands
+from flows.ops.databases import PostgresURLs
+from flows.ops.errors import ServiceError
+from flows.ops.stack import Services, start_services
 
 ROOT = Path(__file__).resolve().parents[2]
 SNGP = Path(sys.executable).parent / "sngp"  # the venv's console script
@@ -351,12 +353,14 @@ def test_bad_worker_options_fail_fast(tmp_path, args, message):
 
 
 def test_worker_names_and_commands():
-    assert serve_module.worker_names(1) == ["sngp-serve-worker"]  # the name it always had
-    assert serve_module.worker_names(3) == [f"sngp-serve-worker-{i}" for i in (1, 2, 3)]
-    assert serve_module.worker_command("p", "w", 1)[-4:] == ["--name", "w", "--limit", "1"]
-    assert "--limit" not in serve_module.worker_command("p", "w", None)
+    assert commands.worker_names(1) == ["sngp-serve-worker"]  # the name it always had
+    assert commands.worker_names(3) == [f"sngp-serve-worker-{i}" for i in (1, 2, 3)]
+    assert commands.worker_command("p", "w", 1)[-4:] == ["--name", "w", "--limit", "1"]
+    assert "--limit" not in commands.worker_command("p", "w", None)
     two = Services("/tmp/unused-sngp-data", workers=2)
     assert two.worker_names == ["sngp-serve-worker-1", "sngp-serve-worker-2"]
+    # Each worker (and the flow runs it starts, which inherit its environment) knows its own name.
+    assert [two.worker_env(name)["SNGP_WORKER_NAME"] for name in two.worker_names] == two.worker_names
     assert Services("/tmp/unused-sngp-data", worker=False).worker_names == []
 
 
@@ -446,10 +450,22 @@ def test_python_api_names_the_server_that_failed_and_cleans_up(tmp_path, monkeyp
     assert _port_free(prefect_port) and _port_free(mlflow_port)
 
 
-def test_redact_url():
-    assert serve_module.redact_url("postgresql://u:p%40ss@db:5432/x") == "postgresql://u:***@db:5432/x"
-    assert serve_module.redact_url("postgresql://u@db/x") == "postgresql://u@db/x"
-    assert serve_module.redact_url("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+def test_postgres_urls_for_each_client():
+    urls = PostgresURLs.parse("postgres://u:p%40ss@db/x?sslmode=require", "--db")
+    assert urls.libpq == "postgresql://u:p%40ss@db/x?sslmode=require"
+    assert urls.mlflow == "postgresql+psycopg2://u:p%40ss@db/x?sslmode=require"
+    assert urls.prefect == "postgresql+asyncpg://u:p%40ss@db/x?sslmode=require"
+    assert urls.secrets == ("p%40ss", "p@ss")  # as the servers' logs may show it, encoded or not
+    assert urls.same_database(PostgresURLs.parse("postgresql+asyncpg://other@db:5432/x", "--prefect-db"))
+    assert not urls.same_database(PostgresURLs.parse("postgresql://u@db/y", "--prefect-db"))
+    for bad, message in [
+        ("postgresql://u:pw@db:99999/x", "--db is not a valid URL: postgresql://u:***@db:99999/x"),
+        ("postgresql://u:pw@db:port/x", "--db is not a valid URL"),
+        ("postgresql://u:pw@db/", "--db must name a database"),
+        ("postgresql:///x", "--db must be a PostgreSQL URL"),
+    ]:
+        with pytest.raises(ServiceError, match=re.escape(message)):
+            PostgresURLs.parse(bad, "--db")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -463,7 +479,7 @@ def test_compose_starts_what_sngp_serve_starts():
 
     mlflow_cmd = services["mlflow"]["command"]
     split = mlflow_cmd.index("--allowed-hosts")
-    assert mlflow_cmd[:split] == serve_module.mlflow_server_command("0.0.0.0", 5000, "/data/mlflow/artifacts")
+    assert mlflow_cmd[:split] == commands.mlflow_server_command("0.0.0.0", 5000, "/data/mlflow/artifacts")
     assert {"mlflow:*", "localhost:*", "127.0.0.1:*"} <= set(mlflow_cmd[split + 1].split(","))
     mlflow_env = services["mlflow"]["environment"]
     assert mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
@@ -472,17 +488,17 @@ def test_compose_starts_what_sngp_serve_starts():
     )
 
     prefect = services["prefect-server"]
-    assert prefect["command"] == serve_module.prefect_server_command("0.0.0.0", 4200)
+    assert prefect["command"] == commands.prefect_server_command("0.0.0.0", 4200)
     assert prefect["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"] == (
         "postgresql+asyncpg://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/prefect"
     )
-    assert services["work-pool"]["command"] == serve_module.work_pool_command("sngp-pool")
+    assert services["work-pool"]["command"] == commands.work_pool_command("sngp-pool")
     assert services["work-pool"]["restart"] == "no"
     worker = services["worker"]
-    assert worker["command"] == serve_module.worker_command(
-        "sngp-pool", name=None, limit=serve_module.DEFAULT_WORKER_LIMIT
+    assert worker["command"] == commands.worker_command(
+        "sngp-pool", name=None, limit=commands.DEFAULT_WORKER_LIMIT
     )
-    assert worker["environment"]["PREFECT_WORKER_QUERY_SECONDS"] == serve_module.WORKER_QUERY_SECONDS
+    assert worker["environment"]["PREFECT_WORKER_QUERY_SECONDS"] == commands.WORKER_QUERY_SECONDS
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert worker["depends_on"]["work-pool"]["condition"] == "service_completed_successfully"

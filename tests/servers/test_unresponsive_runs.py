@@ -2,12 +2,12 @@
 
 `sngp serve` gives its workers' flow runs a heartbeat (--heartbeat-seconds, 30 s: Prefect's minimum)
 and keeps one automation on its Prefect server that sets a deployment's flow run Crashed once it has
-sent no heartbeat for 3 intervals + 30 s (flows.serve.crash_automation). Here:
+sent no heartbeat for 3 intervals + 30 s (flows.ops.automation.crash_automation). Here:
 
 1. the automation exists exactly once after `sngp serve` is started twice on one data directory, and
    follows --heartbeat-seconds (updated in place, duplicates removed, disabled with 0);
 2. a flow run of a deployment (tests/servers/sleeper_flow.py, which only sleeps), submitted the way
-   `sngp sweep --runner workpool` submits its points (flows.sweep.dispatch_point), runs on the served
+   `sngp sweep --runner workpool` submits its points (tasks.sweep.dispatch_point), runs on the served
    worker and sends heartbeats every 30 s; then the worker and the flow-run process are SIGKILLed
    (nothing is left to report anything) and the automation marks the run Crashed: not before the
    window after its last heartbeat has passed, and within a generous bound after it. The dispatch
@@ -33,11 +33,18 @@ from pathlib import Path
 import pytest
 from test_serve import SNGP, ServeProcess, _alive, _children_of, _env, _two_ports
 
-from flows import serve as serve_module
-from flows.serve import CRASH_AUTOMATION_NAME, crash_after_seconds, crash_message, start_services
+from flows.ops.automation import (
+    CRASH_AUTOMATION_NAME,
+    MIN_HEARTBEAT_SECONDS,
+    crash_after_seconds,
+    crash_automation,
+    crash_message,
+    sync_crash_automation,
+)
+from flows.ops.stack import start_services
 
 ROOT = Path(__file__).resolve().parents[2]
-HEARTBEAT = serve_module.MIN_HEARTBEAT_SECONDS  # 30 s: the shortest Prefect accepts
+HEARTBEAT = MIN_HEARTBEAT_SECONDS  # 30 s: the shortest Prefect accepts
 WITHIN = crash_after_seconds(HEARTBEAT)  # 120 s
 SLEEPER = "sngp-test-sleeper/sleep"
 LATE = 90.0  # how much later than its window the automation may fire on a loaded 2-core machine
@@ -129,9 +136,12 @@ def test_the_automation_exists_once_and_follows_the_heartbeat(tmp_path, serve):
     assert updated["id"] == created["id"]
 
     # What each start does, directly against the running server.
-    sync = serve_module.sync_crash_automation
+    sync = sync_crash_automation
     assert sync(api, 45) == "unchanged"
-    _json(f"{api}/automations/", serve_module.crash_automation(45))  # a copy made by hand
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        crash_automation(45).create()  # a copy made by hand
     assert len(_automations(api)) == 2
     assert sync(api, 45) == "updated"
     assert _the_automation(api, 45)["id"] == created["id"]  # the oldest is kept
@@ -238,7 +248,7 @@ def _kill_worker_and_flow_runs(worker_pid: int) -> dict[int, str]:
 def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.sweep import FlowRunFailed, dispatch_point
+    from tasks.sweep import FlowRunFailed, dispatch_point
 
     for key, value in _env().items():  # the worker inherits this environment
         monkeypatch.setenv(key, value)
@@ -255,7 +265,7 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
         up = time.monotonic() - started
         _the_automation(api, HEARTBEAT)
         deployment = _deploy_sleeper(api)
-        worker = services._children["worker"].proc
+        worker = services.children["worker"].proc
 
         # Submit it as the sweep submits a point, and wait for the dispatch in the background.
         label = f"sleeper-{uuid.uuid4().hex[:8]}"

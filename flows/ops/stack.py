@@ -1,0 +1,482 @@
+"""The stack of `sngp serve`: the Prefect server, the MLflow tracking server and process workers, on one
+data directory. Started as child processes, in this order, each waited for until healthy:
+
+    prefect server start --host H --port P      PREFECT_HOME=DIR/prefect, SQLite DIR/prefect/prefect.db
+                                                 (or a PostgreSQL database)
+    mlflow server --host H --port Q --artifacts-destination DIR/mlflow/artifacts --workers 1
+                                                 backend store sqlite:///DIR/mlflow/mlflow.db (or PostgreSQL)
+    prefect work-pool create POOL --type process --overwrite    (meanwhile: the crash automation)
+    prefect worker start --pool POOL --name sngp-serve-worker --limit 1
+                                                 with PREFECT_API_URL, MLFLOW_TRACKING_URI, SNGP_WORKER_NAME
+                                                 (N workers: sngp-serve-worker-1 .. -N, one each)
+
+Logs go to DIR/logs/*.log; restarting on the same DIR keeps every run, deployment and work pool.
+stop() stops the workers first (they tend to ignore the first signal, so TERM, TERM, KILL), then both
+servers, each with every process it started. A small Python API for tests and scripts:
+
+    with start_services("/tmp/stack", prefect_port=4311, mlflow_port=5311) as services:
+        subprocess.run([...], env={**os.environ, **services.env})   # PREFECT_API_URL, MLFLOW_TRACKING_URI
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import IO, Self
+
+from flows.ops import commands, processes
+from flows.ops.automation import (
+    CRASH_AUTOMATION_NAME,
+    MIN_HEARTBEAT_SECONDS,
+    crash_after_seconds,
+    sync_crash_automation,
+)
+from flows.ops.commands import DEFAULT_HOST, DEFAULT_MLFLOW_PORT, DEFAULT_PREFECT_PORT, DEFAULT_WORK_POOL
+from flows.ops.databases import PostgresURLs, check_database
+from flows.ops.errors import ServiceError
+from flows.ops.network import answers, check_port_free, client_host
+from flows.ops.processes import Child
+from tasks.redaction import redact_url
+
+DEFAULT_TIMEOUT = 120.0
+DEFAULT_HEARTBEAT_SECONDS = 30
+# Workers: TERM, wait, TERM again (a process worker often ignores the first one), wait, then KILL.
+WORKER_STOP_SCHEDULE = ((signal.SIGTERM, 3.0), (signal.SIGTERM, 3.0))
+SERVER_STOP_SCHEDULE = ((signal.SIGTERM, 10.0),)
+_SERVERS = ("prefect", "mlflow")
+
+
+class Services:
+    """Prefect server + MLflow server (+ work pool and `workers` process workers) on one data directory.
+
+    `start()` returns once everything answers (or raises ServiceError naming what failed, having
+    stopped the rest); `stop()` shuts down in order. Use as a context manager or `start_services()`.
+    URLs are available before starting: `prefect_url`, `prefect_api_url`, `mlflow_url`, `env`.
+    heartbeat_seconds: the interval of the workers' flow-run heartbeats, which the crash automation
+    follows; None or 0: no crash automation (an existing one is disabled), Prefect's own heartbeat setting.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        host: str = DEFAULT_HOST,
+        prefect_port: int = DEFAULT_PREFECT_PORT,
+        mlflow_port: int = DEFAULT_MLFLOW_PORT,
+        db_url: str | None = None,
+        prefect_db_url: str | None = None,
+        work_pool: str = DEFAULT_WORK_POOL,
+        worker: bool = True,
+        workers: int = 1,
+        worker_limit: int | None = commands.DEFAULT_WORKER_LIMIT,
+        timeout: float = DEFAULT_TIMEOUT,
+        log: Callable[[str], None] | None = None,
+        die_with_parent: bool = True,
+        heartbeat_seconds: int | None = DEFAULT_HEARTBEAT_SECONDS,
+    ):
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.host = host
+        self.prefect_port = int(prefect_port)
+        self.mlflow_port = int(mlflow_port)
+        self.db_url = db_url
+        self.prefect_db_url = prefect_db_url
+        self.work_pool = work_pool
+        self.worker = worker  # False: no worker at all (as workers=0)
+        self.workers = int(workers) if worker else 0
+        self.worker_limit = worker_limit
+        self.timeout = timeout
+        self.heartbeat_seconds = int(heartbeat_seconds) if heartbeat_seconds else None
+        self.crash_automation_status: str | None = None  # what start() did: sync_crash_automation()
+        self.startup_seconds: float | None = None
+        self._log = log or (lambda message: None)
+        self._die_with_parent = die_with_parent
+        self._children: dict[str, Child] = {}
+        self._lock_file: IO[str] | None = None
+        self._stopped = True
+        self._t0 = 0.0
+        self._up: set[str] = set()  # start-up steps done
+        self._workers_since: datetime | None = None  # when the workers were started
+
+    # URLs and places ---------------------------------------------------------------------------
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{client_host(self.host)}:{self.prefect_port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"{self.prefect_url}/api"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{client_host(self.host)}:{self.mlflow_port}"
+
+    @property
+    def mlflow_ui_url(self) -> str:
+        # MLflow 3 opens in its GenAI view; this query selects the classic runs/experiments view.
+        return f"{self.mlflow_url}/#/experiments?workflowType=machine_learning"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client process needs to record to these servers."""
+        return {"PREFECT_API_URL": self.prefect_api_url, "MLFLOW_TRACKING_URI": self.mlflow_url}
+
+    @property
+    def crash_after_seconds(self) -> int | None:
+        """Seconds without a heartbeat after which a deployment's flow run is set Crashed (None: off)."""
+        return crash_after_seconds(self.heartbeat_seconds) if self.heartbeat_seconds else None
+
+    @property
+    def mlflow_store_display(self) -> str:
+        return redact_url(self.db_url) if self.db_url else f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def prefect_store_display(self) -> str:
+        if self.prefect_db_url:
+            return redact_url(self.prefect_db_url)
+        return f"sqlite:///{self.prefect_home / 'prefect.db'}"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.data_dir / "prefect"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.data_dir / "mlflow"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def children(self) -> dict[str, Child]:
+        """The running child processes by role: 'prefect', 'mlflow', 'pool', 'worker' (or 'worker-1', ...)."""
+        return dict(self._children)
+
+    # Workers -----------------------------------------------------------------------------------
+    @property
+    def worker_names(self) -> list[str]:
+        """The names our workers register with (none with worker=False)."""
+        return commands.worker_names(self.workers) if self.workers else []
+
+    def _worker_slots(self) -> list[tuple[str, str, Path]]:
+        """(child key, worker name, log file) per worker: 'worker'/worker.log for the only one, else
+        'worker-1'/worker-1.log, ..."""
+        names = self.worker_names
+        if len(names) == 1:
+            return [("worker", names[0], self.log_dir / "worker.log")]
+        return [(f"worker-{i}", name, self.log_dir / f"worker-{i}.log") for i, name in enumerate(names, 1)]
+
+    def worker_env(self, name: str) -> dict[str, str]:
+        """The environment the worker `name` runs with (its flow runs inherit it)."""
+        return commands.worker_env(self._client_env(), name, self.heartbeat_seconds)
+
+    def _client_env(self) -> dict[str, str]:
+        return commands.client_env(
+            commands.base_env(self.prefect_home), self.prefect_api_url, self.mlflow_url
+        )
+
+    def worker_statuses(self) -> dict[str, dict]:
+        """The Prefect server's records of our workers (name, status, last_heartbeat_time, ...), by name."""
+        ours = set(self.worker_names)
+        return {
+            w.name: w.model_dump(mode="json")
+            for w in _read_workers(self.prefect_api_url, self.work_pool)
+            if w.name in ours
+        }
+
+    def worker_status(self) -> dict | None:
+        """The server's record of our (first) worker, or None."""
+        names = self.worker_names
+        return self.worker_statuses().get(names[0]) if names else None
+
+    # Checks ------------------------------------------------------------------------------------
+    def _check_options(self) -> None:
+        if self.prefect_port == self.mlflow_port:
+            raise ServiceError(
+                f"--prefect-port and --mlflow-port are both {self.prefect_port}; choose two ports"
+            )
+        if not self.work_pool.strip():
+            raise ServiceError("--work-pool must not be empty")
+        if self.worker and self.workers < 1:
+            raise ServiceError(f"--workers must be at least 1 (got {self.workers}); use --no-worker for none")
+        if self.worker_limit is not None and self.worker_limit < 1:
+            raise ServiceError(f"--worker-limit must be at least 1 (got {self.worker_limit})")
+        if self.heartbeat_seconds is not None and self.heartbeat_seconds < MIN_HEARTBEAT_SECONDS:
+            raise ServiceError(
+                f"--heartbeat-seconds must be at least {MIN_HEARTBEAT_SECONDS} (Prefect's minimum), or 0 to "
+                f"turn the detection of unresponsive flow runs off (got {self.heartbeat_seconds})"
+            )
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ServiceError(f"--data-dir {self.data_dir} exists and is not a directory")
+        check_port_free(self.host, self.prefect_port, "--prefect-port")
+        check_port_free(self.host, self.mlflow_port, "--mlflow-port")
+
+    def _databases(self) -> tuple[str, str, tuple[str, ...]]:
+        """(MLflow store URI, Prefect database URL, passwords to hide in logs); PostgreSQL ones checked."""
+        mlflow_pg = PostgresURLs.parse(self.db_url, "--db") if self.db_url else None
+        prefect_pg = PostgresURLs.parse(self.prefect_db_url, "--prefect-db") if self.prefect_db_url else None
+        if mlflow_pg and prefect_pg and mlflow_pg.same_database(prefect_pg):
+            raise ServiceError(
+                "--db and --prefect-db must be different databases (MLflow and Prefect each keep "
+                "their own schema migrations)"
+            )
+        if mlflow_pg:
+            check_database(mlflow_pg.libpq, "MLflow")
+        if prefect_pg:
+            check_database(prefect_pg.libpq, "Prefect")
+        secrets = (mlflow_pg.secrets if mlflow_pg else ()) + (prefect_pg.secrets if prefect_pg else ())
+        return (
+            mlflow_pg.mlflow if mlflow_pg else f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
+            prefect_pg.prefect if prefect_pg else f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}",
+            tuple(sorted(set(secrets), key=len, reverse=True)),
+        )
+
+    def _claim_data_dir(self) -> None:
+        """Create the folders and hold DIR/.serve.lock while we run: one `sngp serve` per data dir."""
+        try:
+            for path in (self.prefect_home, self.mlflow_dir / "artifacts", self.log_dir):
+                path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServiceError(f"cannot create {exc.filename}: {exc.strerror}") from None
+        lock = open(self.data_dir / ".serve.lock", "w")  # noqa: SIM115 - held while we run
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ServiceError(
+                f"another `sngp serve` is already running on --data-dir {self.data_dir}"
+            ) from None
+        self._lock_file = lock
+
+    # Lifecycle ---------------------------------------------------------------------------------
+    def start(self, stop_event: threading.Event | None = None) -> Self:
+        """Start everything and wait until healthy. KeyboardInterrupt if `stop_event` is set meanwhile."""
+        if not self._stopped:
+            raise RuntimeError("services already started")
+        self._stopped = False
+        try:
+            self._start(stop_event)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, stop_event: threading.Event | None) -> None:
+        self._check_options()
+        mlflow_store, prefect_db, secrets = self._databases()
+        self._claim_data_dir()
+        self._t0 = time.monotonic()
+        self._up.clear()
+        self._workers_since = None
+        self._log(f"starting Prefect and MLflow servers in {self.data_dir} (logs in {self.log_dir})")
+        self._start_servers(mlflow_store, prefect_db, secrets)
+        steps: dict[str, Callable[[], bool]] = {
+            "prefect": partial(self._server_up, "prefect"),
+            "mlflow": partial(self._server_up, "mlflow"),
+            "pool": self._pool_ready,
+        }
+        steps.update({key: partial(self._worker_online, key, name) for key, name, _ in self._worker_slots()})
+        self._run_steps(steps, stop_event)
+        self.startup_seconds = self._elapsed()
+
+    def _start_servers(self, mlflow_store: str, prefect_db: str, secrets: tuple[str, ...]) -> None:
+        base = commands.base_env(self.prefect_home)
+        death = signal.SIGTERM if self._die_with_parent else None
+        self._children["prefect"] = processes.spawn(
+            "Prefect server",
+            commands.prefect_server_command(self.host, self.prefect_port),
+            env=commands.prefect_server_env(
+                base, prefect_db, self.host, self.prefect_port, self.prefect_api_url
+            ),
+            cwd=self.prefect_home,
+            log=self.log_dir / "prefect-server.log",
+            death_signal=death,
+            secrets=secrets,
+        )
+        self._children["mlflow"] = processes.spawn(
+            "MLflow server",
+            commands.mlflow_server_command(self.host, self.mlflow_port, str(self.mlflow_dir / "artifacts")),
+            env=commands.mlflow_server_env(base, mlflow_store),
+            cwd=self.mlflow_dir,
+            log=self.log_dir / "mlflow-server.log",
+            death_signal=death,
+            secrets=secrets,
+        )
+
+    def _run_steps(self, steps: dict[str, Callable[[], bool]], stop_event: threading.Event | None) -> None:
+        """Call each pending step until it returns True; the first one still pending at the deadline
+        is named in the timeout error."""
+        pending = dict(steps)
+        deadline = self._t0 + self.timeout
+        while pending:
+            self._check_running(stop_event)
+            for key in [key for key, step in pending.items() if step()]:
+                del pending[key]
+            if pending and time.monotonic() > deadline:
+                raise self._timeout_error(next(iter(pending)))
+            if pending:
+                time.sleep(0.2)
+
+    def _check_running(self, stop_event: threading.Event | None) -> None:
+        if stop_event is not None and stop_event.is_set():
+            raise KeyboardInterrupt
+        for child in self.failed():
+            raise ServiceError(
+                f"{child.name} exited during start-up (exit code {child.exit_code}); {child.tail()}"
+            )
+
+    def _health_url(self, key: str) -> str:
+        return f"{self.prefect_api_url}/health" if key == "prefect" else f"{self.mlflow_url}/health"
+
+    def _server_up(self, key: str) -> bool:
+        if not answers(self._health_url(key)):
+            return False
+        self._up.add(key)
+        self._log(f"{self._children[key].name} is up at {self._health_url(key)} ({self._elapsed():.1f} s)")
+        return True
+
+    def _pool_ready(self) -> bool:
+        """Once Prefect answers: create the work pool (a CLI call) and, meanwhile, sync the crash
+        automation; once the pool exists, start the workers."""
+        if "prefect" not in self._up:
+            return False
+        pool = self._children.get("pool")
+        if pool is None:
+            self._start_pool_and_automation()
+            return False
+        if pool.alive:
+            return False
+        if pool.exit_code != 0:
+            raise ServiceError(
+                f"creating work pool {self.work_pool!r} failed (exit code {pool.exit_code}); {pool.tail()}"
+            )
+        self._log(f"work pool {self.work_pool!r} (process) is ready ({self._elapsed():.1f} s)")
+        self._start_workers()
+        return True
+
+    def _start_pool_and_automation(self) -> None:
+        self._children["pool"] = processes.spawn(
+            f"work pool creation ({self.work_pool})",
+            commands.work_pool_command(self.work_pool),
+            env=self._client_env(),
+            cwd=self.data_dir,
+            log=self.log_dir / "work-pool.log",
+            death_signal=signal.SIGTERM if self._die_with_parent else None,
+        )
+        try:
+            self.crash_automation_status = sync_crash_automation(self.prefect_api_url, self.heartbeat_seconds)
+        except ServiceError as exc:
+            raise ServiceError(
+                f"could not set up the automation {CRASH_AUTOMATION_NAME!r} on the Prefect server: {exc}"
+            ) from None
+        self._log(self._automation_line())
+
+    def _automation_line(self) -> str:
+        seconds = self._elapsed()
+        if not self.heartbeat_seconds:
+            what = "disabled" if self.crash_automation_status == "disabled" else "not set up"
+            return f"automation {CRASH_AUTOMATION_NAME!r} {what} (--heartbeat-seconds 0) ({seconds:.1f} s)"
+        return (
+            f"automation {CRASH_AUTOMATION_NAME!r} {self.crash_automation_status}: flow runs of deployments "
+            f"silent for {self.crash_after_seconds} s are marked Crashed ({seconds:.1f} s)"
+        )
+
+    def _start_workers(self) -> None:
+        # A heartbeat from before this start (a worker of a previous run) does not count as online.
+        self._workers_since = datetime.now(UTC) - timedelta(seconds=1)
+        for key, name, log in self._worker_slots():
+            self._children[key] = processes.spawn(
+                f"Prefect worker {name!r}",
+                commands.worker_command(self.work_pool, name, self.worker_limit),
+                env=self.worker_env(name),
+                cwd=Path.cwd(),
+                log=log,
+                death_signal=signal.SIGKILL if self._die_with_parent else None,
+            )
+
+    def _worker_online(self, key: str, name: str) -> bool:
+        if self._workers_since is None:
+            return False
+        for worker in _read_workers(self.prefect_api_url, self.work_pool):
+            if worker.name == name and _online_since(worker, self._workers_since):
+                self._log(f"worker {name!r} is polling {self.work_pool!r} ({self._elapsed():.1f} s)")
+                return True
+        return False
+
+    def _timeout_error(self, key: str) -> ServiceError:
+        child = self._children.get(key)
+        within = f"within {self.timeout:.0f} s"
+        if key in _SERVERS:
+            message = f"{child.name} did not answer {self._health_url(key)} {within}"
+        elif key == "pool":
+            message = f"creating work pool {self.work_pool!r} did not finish {within}"
+            child = child or self._children["prefect"]
+        else:
+            name = {slot: name for slot, name, _ in self._worker_slots()}[key]
+            message = f"the Prefect worker {name!r} did not come online in pool {self.work_pool!r} {within}"
+        return ServiceError(f"{message}; {child.tail() if child else ''}")
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def failed(self) -> list[Child]:
+        """Long-running children that have exited (they should not while started)."""
+        return [child for key, child in self._children.items() if key != "pool" and not child.alive]
+
+    def stop(self) -> float:
+        """Stop the workers (all at once), then both servers; returns the seconds it took. Idempotent."""
+        t0 = time.monotonic()
+        workers = [self._children.get(key) for key, _, _ in self._worker_slots()]
+        processes.stop([*workers, self._children.get("pool")], WORKER_STOP_SCHEDULE)
+        processes.stop([self._children.get(key) for key in _SERVERS], SERVER_STOP_SCHEDULE)
+        self._children.clear()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        self._stopped = True
+        return time.monotonic() - t0
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextmanager
+def start_services(data_dir: str | os.PathLike, **kwargs) -> Iterator[Services]:
+    """Start the stack (see `Services` for the keyword arguments); stopped on exit."""
+    services = Services(data_dir, **kwargs)
+    services.start()
+    try:
+        yield services
+    finally:
+        services.stop()
+
+
+def _read_workers(api_url: str, pool: str) -> list:
+    """The workers the Prefect server at `api_url` knows in `pool` ([] if it cannot say)."""
+    import httpx  # lazy, as Prefect: keeps `sngp --help` fast
+    from prefect.client.orchestration import get_client  # lazy: keeps `sngp --help` fast
+    from prefect.exceptions import PrefectException  # lazy: keeps `sngp --help` fast
+    from prefect.settings import PREFECT_API_URL, temporary_settings  # lazy: keeps `sngp --help` fast
+
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            return client.read_workers_for_work_pool(pool)
+    except (httpx.HTTPError, PrefectException):
+        return []
+
+
+def _online_since(worker, since: datetime) -> bool:
+    """ONLINE with a heartbeat at or after `since`."""
+    beat = worker.last_heartbeat_time
+    return worker.status == "ONLINE" and beat is not None and beat >= since

@@ -1,0 +1,216 @@
+"""Running a sweep's points: the cached `sweep-point` task (on a thread pool or Dask workers) and the
+`dispatch-point` task that runs a point as a flow run on a Prefect work pool.
+
+Each point trains and evaluates through the pipeline's own tasks (tasks/train.py, tasks/evaluate.py),
+cached by the point's model settings, its data file and the code, exactly like the pipeline's tasks,
+so a point computed by any runner is a cache hit for the others.
+
+With a deployment (`sngp sweep --runner workpool`) each point is instead its own flow run of the
+`sweep-point` flow (flows/sweep_point_flow.py, deployment `sweep-point/pool` in prefect.yaml): a
+mapped `dispatch-point` task per point creates the flow run, waits for it and reads its result (a JSON
+file in the shared cache folder), so the pool's workers share the points while the sweep still
+records everything. No MLflow here: Dask workers and point flow runs import this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import prefect.deployments
+from prefect import task, unmapped
+from prefect.cache_policies import NO_CACHE, CompoundCachePolicy, Inputs
+from prefect.futures import PrefectFuture
+
+from .cache import CACHE_POLICY, CODE_VERSION, cache_root, configured
+from .data import data_file
+from .evaluate import evaluate_model
+from .sweep_points import Point
+from .train import train_model
+
+# Points dispatched at once (threads waiting for their flow runs); the pool's workers decide how many run.
+MAX_DISPATCHED = 64
+# What the Crashed state of a flow run whose heartbeats stopped says (`sngp serve`'s crash automation).
+UNRESPONSIVE = "stopped responding"
+
+
+@task(name="sweep-point", task_run_name="sweep-{label}", cache_policy=CACHE_POLICY, persist_result=True)
+def sweep_point(
+    label: str, method: str, model_config: dict, data_path: str, code_version: str = CODE_VERSION
+) -> dict:
+    """Train and evaluate one point (tasks/train.py + tasks/evaluate.py) -> model dir, metrics, curves."""
+    check_shared_cache(data_path)
+    trained = train_model.fn(method, model_config, data_path, code_version)
+    evaluation = evaluate_model.fn(method, trained, data_path, code_version)
+    return {
+        "model_dir": trained["model_dir"],
+        "history": trained["history"],
+        "metrics": evaluation["metrics"],
+        "predictions_path": evaluation["predictions_path"],
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def check_shared_cache(data_path: str) -> None:
+    """A worker must see the sweep's cache folder (the data file lives there, models go there)."""
+    expected = Path(data_path).parent.parent
+    if not Path(data_path).is_file():
+        raise RuntimeError(
+            f"worker {socket.gethostname()} cannot see the sweep's data file {data_path}: every Dask "
+            f"worker or work-pool worker must share the sweep's cache folder {expected} (start workers "
+            f"with SNGP_CACHE_DIR={expected} on a shared file system)"
+        )
+    if cache_root() != expected.resolve():
+        raise RuntimeError(
+            f"worker {socket.gethostname()} caches into {cache_root()}, the sweep into {expected}: start "
+            f"the Dask workers with SNGP_CACHE_DIR={expected}"
+        )
+
+
+def point_task():
+    """sweep_point configured like the pipeline's tasks (tasks.cache.configured: cache records and
+    locks under cache_root(), so every worker sharing the cache folder shares the cache), except that
+    the display label is not part of the cache key: the same model settings, data file and code are
+    the same point in any sweep."""
+    task_ = configured(sweep_point)
+    policy = task_.cache_policy
+    if isinstance(policy, CompoundCachePolicy):
+        policies = [
+            Inputs(exclude=[*p.exclude, "label"]) if isinstance(p, Inputs) else p for p in policy.policies
+        ]
+        policy = dataclasses.replace(policy, policies=policies)
+    return task_.with_options(cache_policy=policy)
+
+
+def point_data_files(data: dict[str, dict[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
+    """The data file of each point (point id -> data_file's arguments), each distinct file generated
+    once -> (paths by point id, errors by point id: a point whose data fails fails alone)."""
+    paths: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    by_key: dict[str, str | Exception] = {}
+    for point_id, arguments in data.items():
+        key = json.dumps(arguments, sort_keys=True)
+        if key not in by_key:
+            try:
+                by_key[key] = data_file(**arguments)
+            except Exception as exc:  # noqa: BLE001 - recorded as the failure of its points
+                by_key[key] = exc
+        found = by_key[key]
+        if isinstance(found, Exception):
+            errors[point_id] = f"{type(found).__name__}: {found}"
+        else:
+            paths[point_id] = found
+    return paths, errors
+
+
+def submit_points(
+    points: list[Point],
+    model_settings: dict[str, dict],
+    data_paths: dict[str, str],
+    deployment: str | None = None,
+) -> dict[str, PrefectFuture]:
+    """Map every point that has its data file onto the flow's task runner: a `sweep-point` task each,
+    or with `deployment` a `dispatch-point` task each -> futures by point id."""
+    runnable = [p for p in points if p.id in data_paths]
+    if not runnable:
+        return {}
+    inputs = {
+        "label": [f"{p.id} {p.label}" for p in runnable],
+        "method": [p.method for p in runnable],
+        "model_config": [model_settings[p.id] for p in runnable],
+        "data_path": [data_paths[p.id] for p in runnable],
+    }
+    if deployment:
+        mapped = dispatch_point.map(
+            **inputs,
+            deployment=unmapped(deployment),
+            poll_seconds=unmapped(dispatch_poll_seconds(len(runnable))),
+        )
+    else:
+        mapped = point_task().map(**inputs)
+    return dict(zip((p.id for p in runnable), mapped))
+
+
+# ----------------------------------------------------------------------------------------------------
+# One point as a flow run on a work pool (`sngp sweep --runner workpool`)
+# ----------------------------------------------------------------------------------------------------
+
+
+def point_result_path(flow_run_id: Any) -> Path:
+    """Where the sweep-point flow run `flow_run_id` leaves its result for the sweep (shared cache folder)."""
+    return cache_root() / "sweeps" / "points" / f"{flow_run_id}.json"
+
+
+def dispatch_poll_seconds(points: int) -> float:
+    """How often each waiting dispatch task polls its flow run: ~8 requests/s to the server in all."""
+    return max(1.0, min(min(points, MAX_DISPATCHED) / 8, 10.0))
+
+
+class FlowRunFailed(RuntimeError):
+    """A point's flow run on the work pool did not complete (the message says where and why)."""
+
+
+@task(
+    name="dispatch-point",
+    task_run_name="dispatch-{label}",
+    cache_policy=NO_CACHE,  # the point flow's own task is cached; a dispatch always asks the pool
+    persist_result=False,
+)
+def dispatch_point(
+    label: str,
+    method: str,
+    model_config: dict,
+    data_path: str,
+    deployment: str,
+    code_version: str = CODE_VERSION,
+    poll_seconds: float = 2.0,
+) -> dict:
+    """Run one point as a flow run of `deployment` (the sweep-point flow) on its work pool, wait for it
+    and return its result: sweep_point's dict plus `cached`, `prefect_worker`, `flow_run_id`.
+
+    A flow run that does not complete raises FlowRunFailed (the point is FAILED, the sweep goes on);
+    one whose worker or machine died is set Crashed by `sngp serve`'s crash automation once its
+    heartbeats stop, with a message saying it stopped responding (UNRESPONSIVE).
+
+    The flow run gets this sweep's cache folder (SNGP_CACHE_DIR, through the job's environment), so its
+    worker reads the sweep's data file and shares the cache; it fails if it sees another folder."""
+    flow_run = prefect.deployments.run_deployment(
+        name=deployment,
+        parameters={
+            "label": label,
+            "method": method,
+            "model_settings": model_config,
+            "data_path": data_path,
+            "code_version": code_version,
+        },
+        job_variables={"env": {"SNGP_CACHE_DIR": str(cache_root())}},
+        flow_run_name=label,
+        timeout=None,  # wait for as long as the point takes (or waits for a free worker)
+        poll_interval=poll_seconds,
+    )
+    state = flow_run.state
+    worker = (flow_run.labels or {}).get("prefect.worker.name")
+    where = f"flow run {flow_run.name!r} ({flow_run.id})" + (f" on worker {worker}" if worker else "")
+    if state is not None and state.is_crashed() and UNRESPONSIVE in (state.message or ""):
+        # Set Crashed by `sngp serve`'s automation: no heartbeat from its process for minutes.
+        raise FlowRunFailed(
+            f"{where} {UNRESPONSIVE} (its worker or machine died) and was marked Crashed: {state.message}"
+        )
+    if state is None or not state.is_completed():
+        name = state.name if state is not None else "without a state"
+        raise FlowRunFailed(f"{where} ended {name}: {state.message if state is not None else ''}".rstrip())
+    path = point_result_path(flow_run.id)
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FlowRunFailed(
+            f"{where} completed but its result {path} cannot be read ({exc}): the workers must share "
+            f"the sweep's cache folder {cache_root()}"
+        ) from None
+    result["prefect_worker"] = result.get("prefect_worker") or worker or ""
+    return {**result, "flow_run_id": str(flow_run.id)}
