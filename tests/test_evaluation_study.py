@@ -6,7 +6,7 @@ Full-length runs (the study's settings), so marked slow; they still run in CI.
 from __future__ import annotations
 
 import pytest
-from conftest import PNG_MAGIC, REPO, describe, run_sngp
+from support.cli import PNG_MAGIC, REPO, describe, run_sngp
 
 pytestmark = pytest.mark.slow
 

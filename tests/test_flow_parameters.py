@@ -3,10 +3,10 @@ would be silently dropped by Prefect (a digits config would quietly run on two m
 
 import inspect
 
+from flows.cli.common import flow_kwargs
 from flows.config import PipelineConfig, load_config
 from flows.pipeline import uncertainty_pipeline
 from flows.retrain import retrain
-from flows.cli.common import flow_kwargs
 
 
 def test_pipeline_flow_accepts_every_section_but_retrain():

@@ -18,83 +18,43 @@ import sys
 
 import pytest
 import yaml
-from conftest import METRICS, PNG_MAGIC, REPO, describe, run_sngp, sngp_env
+from support import records
+from support.cli import REPO, SMOKE, describe, run_sngp, sngp_env
+from support.records import STUDY_METHODS as METHODS
 
-SMOKE = REPO / "conf" / "smoke.yaml"
-METHODS = ("deterministic", "sngp", "mc_dropout", "deep_ensemble")
 EPOCHS = int(yaml.safe_load(SMOKE.read_text())["training"]["epochs"])
 STAGES = ("train", "evaluate", "plot")
-PARENT_ID = re.compile(r"MLflow parent run: ([0-9a-f]{32})")
 FLOW_SECONDS = re.compile(r"\(Prefect flow run ([0-9.]+) s\)")
-TASK_STATE = re.compile(r"Task run '([\w.-]+)' - Finished in state (\S+)")
 
 
-def parent_id_of(proc: subprocess.CompletedProcess) -> str:
-    found = PARENT_ID.search(proc.stdout)
-    assert found, f"no parent run id in stdout\n{describe(proc)}"
-    return found.group(1)
-
-
-def flow_seconds(proc: subprocess.CompletedProcess) -> float:
+def flow_seconds(proc) -> float:
     """The flow run's duration that `sngp run` reports (Prefect's start and end times)."""
     found = FLOW_SECONDS.search(proc.stdout)
     assert found, f"no flow run duration in stdout\n{describe(proc)}"
     return float(found.group(1))
 
 
-def task_states(proc: subprocess.CompletedProcess) -> dict[str, str]:
-    """Final state per task run name, from Prefect's log lines (stderr and stdout)."""
-    return dict(TASK_STATE.findall(proc.stderr + proc.stdout))
-
-
 def check_complete_record(reader, parent_id: str) -> dict:
-    """One FINISHED parent (params, tags, artefacts) and four FINISHED children with everything."""
-    parent = reader.client.get_run(parent_id)
-    assert parent.info.status == "FINISHED"
-    params, tags = parent.data.params, parent.data.tags
+    """The complete record (tests/support) of a smoke run: parent params and tags, the config it ran,
+    per-epoch curves for every epoch, and that each method's metrics are plausible."""
+    children = records.check_complete_record(reader.uri, parent_id, METHODS, download_pngs=True)
+    params, tags = reader.client.get_run(parent_id).data.params, reader.client.get_run(parent_id).data.tags
     assert params["training.epochs"] == str(EPOCHS)
     assert params["methods"] == ",".join(METHODS)
     assert params["mlflow.experiment"] == "sngp-smoke"
     assert re.fullmatch(r"[0-9a-f-]{36}", tags.get("prefect.flow_run_id", "")), tags
-    assert tags.get("git_commit"), tags
     if (REPO / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"]), tags["git_commit"]
-    assert {"config.yaml", "plots"} <= set(reader.artifact_paths(parent_id))
-    assert "plots/comparison.png" in reader.artifact_paths(parent_id, "plots")
-    assert reader.download(parent_id, "plots/comparison.png").startswith(PNG_MAGIC)
     config = yaml.safe_load(reader.download(parent_id, "config.yaml"))
     assert config["training"]["epochs"] == EPOCHS and config["methods"] == list(METHODS)
-
-    children = reader.children(parent_id)
-    assert sorted(children) == sorted(METHODS), f"child runs: {sorted(children)}"
     for method, run in children.items():
-        run_id = run.info.run_id
-        assert run.info.status == "FINISHED", (method, run.info.status)
-        assert run.data.tags["mlflow.parentRunId"] == parent_id
-        assert run.data.params["method"] == method
         assert run.data.params["epochs"] == str(EPOCHS)
-        missing = set(METRICS) - set(run.data.metrics)
-        assert not missing, f"{method}: missing metrics {sorted(missing)}"
-        for name in METRICS:
-            assert math.isfinite(run.data.metrics[name]), (method, name, run.data.metrics[name])
         assert 0.7 < run.data.metrics["test_accuracy"] <= 1.0, (method, run.data.metrics["test_accuracy"])
         assert 0.0 <= run.data.metrics["ood_auroc"] <= 1.0
         for curve in ("loss", "accuracy"):
-            history = reader.history(run_id, curve)
-            steps = [m.step for m in history]
-            assert steps == list(range(EPOCHS)), (method, curve, steps)
+            history = reader.history(run.info.run_id, curve)
+            assert [m.step for m in history] == list(range(EPOCHS)), (method, curve, history)
             assert all(math.isfinite(m.value) for m in history)
-        for stage in STAGES:
-            assert run.data.tags.get(f"cached.{stage}") in ("true", "false"), (method, stage, run.data.tags)
-        plots = reader.artifact_paths(run_id, "plots")
-        for png in ("plots/class_probability.png", "plots/uncertainty.png"):
-            assert png in plots, (method, plots)
-            content = reader.download(run_id, png)
-            assert len(content) > 1000 and content.startswith(PNG_MAGIC), (method, png, len(content))
-        models = reader.logged_models(run_id)
-        assert len(models) == 1, (method, models)
-        assert models[0].name == "model"
-        assert [o.model_id for o in run.outputs.model_outputs] == [models[0].model_id]
     return children
 
 
@@ -118,7 +78,6 @@ def first_run(workdir):
     print(f"\n[pipeline] first (cold) smoke run: {proc.seconds:.1f} s, exit {proc.returncode}")
     assert proc.returncode == 0, describe(proc)
     assert not proc.leaked, describe(proc)  # the temporary Prefect server must not outlive the run
-    proc.parent_id = parent_id_of(proc)
     return proc
 
 
@@ -132,7 +91,7 @@ def warm_run(workdir, first_run, reader):
         print(f"\n[pipeline] identical rerun: {proc.seconds:.1f} s, exit {proc.returncode}")
         assert proc.returncode == 0, describe(proc)
         assert not proc.leaked, describe(proc)
-        proc.parent_id, proc.attempts = parent_id_of(proc), attempt
+        proc.attempts = attempt
         version = reader.client.get_run(proc.parent_id).data.tags["code_version"]
         if version == reference:
             print(f"[pipeline] cold run {first_run.seconds:.1f} s -> warm (cached) run {proc.seconds:.1f} s")
@@ -151,7 +110,7 @@ def sngp_changed_run(workdir, warm_run, reader):
         print(f"\n[pipeline] rerun with sngp.spec_norm_bound={bound}: {proc.seconds:.1f} s")
         assert proc.returncode == 0, describe(proc)
         assert not proc.leaked, describe(proc)
-        proc.parent_id, proc.bound = parent_id_of(proc), bound
+        proc.bound = bound
         version = reader.client.get_run(proc.parent_id).data.tags["code_version"]
         if version == reference:
             return proc
@@ -244,7 +203,7 @@ def test_pyfunc_models_predict_in_fresh_process(first_run, reader, tmp_path):
 
 
 def test_second_run_hits_cache_and_records_everything(first_run, warm_run, reader):
-    states = task_states(warm_run)
+    states = warm_run.task_states()
     expected = {f"{stage}-{m}" for stage in ("evaluate", "plot") for m in METHODS}
     # MC Dropout reuses the deterministic net (task mc-dropout-from-deterministic), so no train-mc_dropout
     expected |= {f"train-{m}" for m in METHODS if m != "mc_dropout"}
@@ -287,7 +246,7 @@ def test_changing_an_sngp_setting_retrains_only_sngp(sngp_changed_run, reader):
     assert cached == {"deterministic": "true", "sngp": "false", "mc_dropout": "true", "deep_ensemble": "true"}
     assert children["sngp"].data.params["spec_norm_bound"] == sngp_changed_run.bound
     assert all(r.info.status == "FINISHED" for r in children.values())
-    assert task_states(sngp_changed_run)["train-sngp"] != "Cached(type=COMPLETED)"
+    assert sngp_changed_run.task_states()["train-sngp"] != "Cached(type=COMPLETED)"
     assert reader.running() == []
 
 
@@ -367,7 +326,7 @@ def test_failing_task_marks_runs_failed(tmp_path, mlflow_reader):
     failure = [ln for ln in proc.stderr.splitlines() if ln.startswith("sngp run: pipeline failed:")]
     assert len(failure) == 1, describe(proc)
     assert "NotADirectoryError" in failure[0] and "plots" in failure[0], failure[0]
-    assert task_states(proc)["plot-deterministic"].startswith("Failed")
+    assert proc.task_states()["plot-deterministic"].startswith("Failed")
 
     reader = mlflow_reader(tmp_path)
     parents = reader.parents("sngp-smoke")

@@ -21,21 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support.cli import SMOKE, SngpProcess, run_sngp, sngp_env
+from support.records import ALL_METHODS, all_runs, children, client, logged_models, sqlite_uri
 
-from .helpers import (
-    ALL_METHODS,
-    SMOKE,
-    SMOKE_ALL,
-    SngpProcess,
-    all_runs,
-    children,
-    client,
-    logged_models,
-    run_sngp,
-    sngp_env,
-    sqlite_uri,
-)
-
+SMOKE_ALL = ["run", "--config", str(SMOKE), "--set", f"methods=[{','.join(ALL_METHODS)}]"]
 HERE = Path(__file__).resolve().parent
 PASSWORD = "Pa55-w0rd-never-shown"  # used in one concurrent run's tracking URI; must never be printed/logged
 BIG_ROWS = 10_000_000
@@ -139,7 +128,7 @@ def smoke_run(stack, tmp_path_factory) -> Run:
     proc = run_sngp(SMOKE_ALL, workdir, sngp_env(workdir, stack.prefect_api_url))
     print(f"\n[reliability] smoke run (5 methods): {proc.seconds:.1f} s")
     assert proc.returncode == 0, proc.describe()
-    return Run(proc, workdir, sqlite_uri(workdir), workdir / "cache")
+    return Run(proc, workdir, sqlite_uri(workdir), workdir / ".sngp_cache")
 
 
 @pytest.fixture(scope="session")
@@ -255,7 +244,7 @@ def _signal_when_training(run: Interrupted, sig: int, ready_pattern: list[str], 
     sent = time.monotonic()
     if sig == signal.SIGKILL:
         run.before_kill = {
-            "locks": sorted(p.name for p in (run.workdir / "cache" / "prefect-locks").glob("*"))
+            "locks": sorted(p.name for p in (run.workdir / ".sngp_cache" / "prefect-locks").glob("*"))
         }
         run.proc.kill_group()
     else:
@@ -322,4 +311,4 @@ def resumed_run(stack, interrupted_runs) -> Run:
     proc = run_sngp(CRASH_ARGS, killed.workdir, sngp_env(killed.workdir, stack.prefect_api_url))
     print(f"\n[reliability] resumed run after SIGKILL: {proc.seconds:.1f} s")
     assert proc.returncode == 0, proc.describe()
-    return Run(proc, killed.workdir, sqlite_uri(killed.workdir), killed.workdir / "cache")
+    return Run(proc, killed.workdir, sqlite_uri(killed.workdir), killed.workdir / ".sngp_cache")

@@ -15,10 +15,11 @@ import subprocess
 
 import numpy as np
 import pytest
+from support.cli import SMOKE, sngp_env
+from support.records import client, running
 
 from flows import cli
 
-from .helpers import SMOKE, client, running, sngp_env
 from .probe_pyfunc import BAD_INPUTS
 
 SECRET = "hunter2-Xq9"  # a password that must never be printed
@@ -238,7 +239,7 @@ SUBPROCESS_CASES = {
 
 @pytest.mark.parametrize("case", list(SUBPROCESS_CASES))
 def test_cli_bad_input_subprocess(case, tmp_path):
-    from .helpers import SNGP
+    from support.cli import SNGP
 
     args, want_code, word = SUBPROCESS_CASES[case]
     _write_case_files(tmp_path)

@@ -20,18 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.cli import SngpProcess, sngp_env
+from support.records import ALL_METHODS, check_complete_record, client, comparable_metrics, running
 
-from .conftest import Run
-from .helpers import (
-    ALL_METHODS,
-    SMOKE_ALL,
-    SngpProcess,
-    check_complete_record,
-    client,
-    comparable_metrics,
-    running,
-    sngp_env,
-)
+from .conftest import SMOKE_ALL, Run
 
 TRAINED = ("deterministic", "sngp", "deep_ensemble", "exact_gp")  # mc_dropout reuses the deterministic net
 LOCKED_DB = re.compile(r"database is locked|OperationalError", re.IGNORECASE)

@@ -25,21 +25,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from support.cli import REPO, run_sngp, sngp_env
+from support.records import ALL_METHODS, all_runs, check_complete_record, client, running, sqlite_uri
 
 from tasks.tracking import ORPHAN_TAG
 
 from .conftest import CRASH_ARGS
-from .helpers import (
-    ALL_METHODS,
-    REPO,
-    all_runs,
-    check_complete_record,
-    client,
-    run_sngp,
-    running,
-    sngp_env,
-    sqlite_uri,
-)
 
 STOP_WITHIN = 20.0  # seconds from SIGINT/SIGTERM to exit, on a loaded 2-core machine (measured: ~5 s)
 

@@ -11,8 +11,7 @@ Timings (`*_seconds`) are wall-clock and excluded.
 from __future__ import annotations
 
 import numpy as np
-
-from .helpers import ALL_METHODS, comparable_metrics
+from support.records import ALL_METHODS, comparable_metrics
 
 TOLERANCE = 1e-6
 

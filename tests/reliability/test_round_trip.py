@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from .helpers import ALL_METHODS
+from support.records import ALL_METHODS
 
 TOLERANCE = 1e-6
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from support.cli import REPO
+from support.records import children, client
 
 from flows.cli import build_parser
 from flows.config import ConfigError, load_config
@@ -20,7 +22,6 @@ from flows.ops.stack import Services
 from tasks.redaction import redact, redact_url
 
 from .conftest import PASSWORD
-from .helpers import REPO, children, client
 
 # ---------------------------------------------------------------------------------------------------------
 # Servers bind 127.0.0.1 unless told otherwise
