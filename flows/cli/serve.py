@@ -33,7 +33,8 @@ from flows.ops.commands import (
     WORKER_NAME,
     WORKER_QUERY_SECONDS,
 )
-from flows.ops.stack import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_TIMEOUT, Services
+from flows.ops.stack import Services
+from flows.ops.stack_settings import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_TIMEOUT
 
 HELP = "start the Prefect server, MLflow tracking server and process worker(s) (Ctrl-C stops all)"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -33,67 +33,38 @@ from pathlib import Path
 from typing import IO, Self
 
 from flows.ops import commands, processes
-from flows.ops.automation import (
-    CRASH_AUTOMATION_NAME,
-    MIN_HEARTBEAT_SECONDS,
-    crash_after_seconds,
-    sync_crash_automation,
-)
-from flows.ops.commands import DEFAULT_HOST, DEFAULT_MLFLOW_PORT, DEFAULT_PREFECT_PORT, DEFAULT_WORK_POOL
-from flows.ops.databases import PostgresURLs, check_database
+from flows.ops.automation import CRASH_AUTOMATION_NAME, sync_crash_automation
 from flows.ops.errors import ServiceError
-from flows.ops.network import answers, check_port_free, client_host
+from flows.ops.network import answers
 from flows.ops.processes import Child
-from tasks.redaction import redact_url
+from flows.ops.stack_settings import StackSettings
 
-DEFAULT_TIMEOUT = 120.0
-DEFAULT_HEARTBEAT_SECONDS = 30
 # Workers: TERM, wait, TERM again (a process worker often ignores the first one), wait, then KILL.
 WORKER_STOP_SCHEDULE = ((signal.SIGTERM, 3.0), (signal.SIGTERM, 3.0))
 SERVER_STOP_SCHEDULE = ((signal.SIGTERM, 10.0),)
 _SERVERS = ("prefect", "mlflow")
 
 
-class Services:
+class Services(StackSettings):
     """Prefect server + MLflow server (+ work pool and `workers` process workers) on one data directory.
 
     `start()` returns once everything answers (or raises ServiceError naming what failed, having
     stopped the rest); `stop()` shuts down in order. Use as a context manager or `start_services()`.
     URLs are available before starting: `prefect_url`, `prefect_api_url`, `mlflow_url`, `env`.
-    heartbeat_seconds: the interval of the workers' flow-run heartbeats, which the crash automation
-    follows; None or 0: no crash automation (an existing one is disabled), Prefect's own heartbeat setting.
+    Keyword arguments: StackSettings's (host, ports, databases, work pool, workers, heartbeat_seconds,
+    timeout), and `log` (called with each progress line), `die_with_parent` (children are killed by the
+    kernel if this process dies).
     """
 
     def __init__(
         self,
         data_dir: str | os.PathLike,
         *,
-        host: str = DEFAULT_HOST,
-        prefect_port: int = DEFAULT_PREFECT_PORT,
-        mlflow_port: int = DEFAULT_MLFLOW_PORT,
-        db_url: str | None = None,
-        prefect_db_url: str | None = None,
-        work_pool: str = DEFAULT_WORK_POOL,
-        worker: bool = True,
-        workers: int = 1,
-        worker_limit: int | None = commands.DEFAULT_WORKER_LIMIT,
-        timeout: float = DEFAULT_TIMEOUT,
         log: Callable[[str], None] | None = None,
         die_with_parent: bool = True,
-        heartbeat_seconds: int | None = DEFAULT_HEARTBEAT_SECONDS,
+        **settings,
     ):
-        self.data_dir = Path(data_dir).expanduser().resolve()
-        self.host = host
-        self.prefect_port = int(prefect_port)
-        self.mlflow_port = int(mlflow_port)
-        self.db_url = db_url
-        self.prefect_db_url = prefect_db_url
-        self.work_pool = work_pool
-        self.worker = worker  # False: no worker at all (as workers=0)
-        self.workers = int(workers) if worker else 0
-        self.worker_limit = worker_limit
-        self.timeout = timeout
-        self.heartbeat_seconds = int(heartbeat_seconds) if heartbeat_seconds else None
+        super().__init__(data_dir, **settings)
         self.crash_automation_status: str | None = None  # what start() did: sync_crash_automation()
         self.startup_seconds: float | None = None
         self._log = log or (lambda message: None)
@@ -105,83 +76,10 @@ class Services:
         self._up: set[str] = set()  # start-up steps done
         self._workers_since: datetime | None = None  # when the workers were started
 
-    # URLs and places ---------------------------------------------------------------------------
-    @property
-    def prefect_url(self) -> str:
-        return f"http://{client_host(self.host)}:{self.prefect_port}"
-
-    @property
-    def prefect_api_url(self) -> str:
-        return f"{self.prefect_url}/api"
-
-    @property
-    def mlflow_url(self) -> str:
-        return f"http://{client_host(self.host)}:{self.mlflow_port}"
-
-    @property
-    def mlflow_ui_url(self) -> str:
-        # MLflow 3 opens in its GenAI view; this query selects the classic runs/experiments view.
-        return f"{self.mlflow_url}/#/experiments?workflowType=machine_learning"
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What a client process needs to record to these servers."""
-        return {"PREFECT_API_URL": self.prefect_api_url, "MLFLOW_TRACKING_URI": self.mlflow_url}
-
-    @property
-    def crash_after_seconds(self) -> int | None:
-        """Seconds without a heartbeat after which a deployment's flow run is set Crashed (None: off)."""
-        return crash_after_seconds(self.heartbeat_seconds) if self.heartbeat_seconds else None
-
-    @property
-    def mlflow_store_display(self) -> str:
-        return redact_url(self.db_url) if self.db_url else f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
-
-    @property
-    def prefect_store_display(self) -> str:
-        if self.prefect_db_url:
-            return redact_url(self.prefect_db_url)
-        return f"sqlite:///{self.prefect_home / 'prefect.db'}"
-
-    @property
-    def prefect_home(self) -> Path:
-        return self.data_dir / "prefect"
-
-    @property
-    def mlflow_dir(self) -> Path:
-        return self.data_dir / "mlflow"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.data_dir / "logs"
-
     @property
     def children(self) -> dict[str, Child]:
         """The running child processes by role: 'prefect', 'mlflow', 'pool', 'worker' (or 'worker-1', ...)."""
         return dict(self._children)
-
-    # Workers -----------------------------------------------------------------------------------
-    @property
-    def worker_names(self) -> list[str]:
-        """The names our workers register with (none with worker=False)."""
-        return commands.worker_names(self.workers) if self.workers else []
-
-    def _worker_slots(self) -> list[tuple[str, str, Path]]:
-        """(child key, worker name, log file) per worker: 'worker'/worker.log for the only one, else
-        'worker-1'/worker-1.log, ..."""
-        names = self.worker_names
-        if len(names) == 1:
-            return [("worker", names[0], self.log_dir / "worker.log")]
-        return [(f"worker-{i}", name, self.log_dir / f"worker-{i}.log") for i, name in enumerate(names, 1)]
-
-    def worker_env(self, name: str) -> dict[str, str]:
-        """The environment the worker `name` runs with (its flow runs inherit it)."""
-        return commands.worker_env(self._client_env(), name, self.heartbeat_seconds)
-
-    def _client_env(self) -> dict[str, str]:
-        return commands.client_env(
-            commands.base_env(self.prefect_home), self.prefect_api_url, self.mlflow_url
-        )
 
     def worker_statuses(self) -> dict[str, dict]:
         """The Prefect server's records of our workers (name, status, last_heartbeat_time, ...), by name."""
@@ -196,48 +94,6 @@ class Services:
         """The server's record of our (first) worker, or None."""
         names = self.worker_names
         return self.worker_statuses().get(names[0]) if names else None
-
-    # Checks ------------------------------------------------------------------------------------
-    def _check_options(self) -> None:
-        if self.prefect_port == self.mlflow_port:
-            raise ServiceError(
-                f"--prefect-port and --mlflow-port are both {self.prefect_port}; choose two ports"
-            )
-        if not self.work_pool.strip():
-            raise ServiceError("--work-pool must not be empty")
-        if self.worker and self.workers < 1:
-            raise ServiceError(f"--workers must be at least 1 (got {self.workers}); use --no-worker for none")
-        if self.worker_limit is not None and self.worker_limit < 1:
-            raise ServiceError(f"--worker-limit must be at least 1 (got {self.worker_limit})")
-        if self.heartbeat_seconds is not None and self.heartbeat_seconds < MIN_HEARTBEAT_SECONDS:
-            raise ServiceError(
-                f"--heartbeat-seconds must be at least {MIN_HEARTBEAT_SECONDS} (Prefect's minimum), or 0 to "
-                f"turn the detection of unresponsive flow runs off (got {self.heartbeat_seconds})"
-            )
-        if self.data_dir.exists() and not self.data_dir.is_dir():
-            raise ServiceError(f"--data-dir {self.data_dir} exists and is not a directory")
-        check_port_free(self.host, self.prefect_port, "--prefect-port")
-        check_port_free(self.host, self.mlflow_port, "--mlflow-port")
-
-    def _databases(self) -> tuple[str, str, tuple[str, ...]]:
-        """(MLflow store URI, Prefect database URL, passwords to hide in logs); PostgreSQL ones checked."""
-        mlflow_pg = PostgresURLs.parse(self.db_url, "--db") if self.db_url else None
-        prefect_pg = PostgresURLs.parse(self.prefect_db_url, "--prefect-db") if self.prefect_db_url else None
-        if mlflow_pg and prefect_pg and mlflow_pg.same_database(prefect_pg):
-            raise ServiceError(
-                "--db and --prefect-db must be different databases (MLflow and Prefect each keep "
-                "their own schema migrations)"
-            )
-        if mlflow_pg:
-            check_database(mlflow_pg.libpq, "MLflow")
-        if prefect_pg:
-            check_database(prefect_pg.libpq, "Prefect")
-        secrets = (mlflow_pg.secrets if mlflow_pg else ()) + (prefect_pg.secrets if prefect_pg else ())
-        return (
-            mlflow_pg.mlflow if mlflow_pg else f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
-            prefect_pg.prefect if prefect_pg else f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}",
-            tuple(sorted(set(secrets), key=len, reverse=True)),
-        )
 
     def _claim_data_dir(self) -> None:
         """Create the folders and hold DIR/.serve.lock while we run: one `sngp serve` per data dir."""
@@ -270,8 +126,8 @@ class Services:
         return self
 
     def _start(self, stop_event: threading.Event | None) -> None:
-        self._check_options()
-        mlflow_store, prefect_db, secrets = self._databases()
+        self.check_options()
+        mlflow_store, prefect_db, secrets = self.databases()
         self._claim_data_dir()
         self._t0 = time.monotonic()
         self._up.clear()
