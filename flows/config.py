@@ -173,22 +173,13 @@ class PipelineConfig(Section):
         """The library config for one method (the study's defaults where the pipeline has no field)."""
         return ModelConfig(
             num_classes=self.num_classes,
-            gp_max_train=self.exact_gp.gp_max_train,
-            num_layers=self.model.num_layers,
-            num_hidden=self.model.num_hidden,
-            dropout_rate=self.model.dropout_rate,
-            epochs=self.training.epochs,
-            batch_size=self.training.batch_size,
-            learning_rate=self.training.learning_rate,
             seed=self.seed,
-            spec_norm_bound=self.sngp.spec_norm_bound,
-            num_inducing=self.sngp.num_inducing,
-            gp_cov_momentum=self.sngp.gp_cov_momentum,
-            gp_cov_ridge_penalty=self.sngp.gp_cov_ridge_penalty,
-            gp_kernel_scale=self.sngp.gp_kernel_scale,
-            mean_field_factor=self.sngp.mean_field_factor,
             num_mc_samples=self.mc_dropout.num_samples,
-            ensemble_size=self.deep_ensemble.ensemble_size,
+            **self.model.model_dump(),
+            **self.training.model_dump(),
+            **self.sngp.model_dump(),
+            **self.deep_ensemble.model_dump(),
+            **self.exact_gp.model_dump(),
         )
 
     def model_settings(self, method: str) -> dict[str, Any]:

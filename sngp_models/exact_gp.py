@@ -39,7 +39,7 @@ from sklearn.gaussian_process.kernels import RBF, ConstantKernel
 from threadpoolctl import threadpool_limits
 
 from .config import ModelConfig
-from .interface import Prediction, uncertainty_from_probs, write_model_dir
+from .interface import Classifier, Prediction, uncertainty_from_probs, write_model_dir
 from .validation import NotFittedError, check_features, check_labels
 
 GP_FILE = "gp.joblib"
@@ -48,7 +48,7 @@ _MEDIAN_STREAM = 0x6C
 _MEDIAN_MAX_POINTS = 1000
 
 
-class ExactGPModel:
+class ExactGPModel(Classifier):
     """Exact GP classification (Laplace approximation) with the shared uncertainty-model interface."""
 
     method = "exact_gp"
@@ -107,12 +107,6 @@ class ExactGPModel:
                 probs[start : start + size] = p
                 unc[start : start + size] = uncertainty_from_probs(p)
         return Prediction(probs=probs, uncertainty=unc)
-
-    def predict_proba(self, x) -> np.ndarray:
-        return self.predict_with_uncertainty(x).probs
-
-    def predict(self, x) -> np.ndarray:
-        return np.argmax(self.predict_proba(x), axis=1)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write config + fitted classifier atomically (same directory format as the other methods)."""

@@ -30,6 +30,20 @@ class Prediction:
     uncertainty: np.ndarray  # (N,), (1 - sum_c p_c^2) / 2
 
 
+class Classifier:
+    """What every method shares on top of its own `predict_with_uncertainty(x) -> Prediction`: the
+    scikit-learn style `predict_proba` and `predict`."""
+
+    def predict_with_uncertainty(self, x) -> Prediction:
+        raise NotImplementedError
+
+    def predict_proba(self, x) -> np.ndarray:
+        return self.predict_with_uncertainty(x).probs
+
+    def predict(self, x) -> np.ndarray:
+        return np.argmax(self.predict_proba(x), axis=1)
+
+
 def uncertainty_from_probs(probs: np.ndarray) -> np.ndarray:
     """(1 - sum_c p_c^2) / 2 per row: the study's p(1-p) generalised to C classes."""
     probs = np.asarray(probs)

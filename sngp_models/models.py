@@ -21,7 +21,7 @@ import numpy as np
 from ._tf import tf
 from .config import RELEVANT_FIELDS, ModelConfig, check_method
 from .exact_gp import ExactGPModel
-from .interface import FORMAT_VERSION, Prediction, read_model_dir, write_model_dir  # noqa: F401 (re-exported)
+from .interface import FORMAT_VERSION, Classifier, Prediction, read_model_dir, write_model_dir  # noqa: F401 (re-exported)
 from .networks import ResNetMembers, SNGPResNet
 from .training import EpochCallback, fit_network
 from .validation import NotFittedError, check_features, check_labels
@@ -33,7 +33,7 @@ def _uncertainty(probs: tf.Tensor) -> tf.Tensor:
     return 0.5 * (1.0 - tf.reduce_sum(tf.square(probs), axis=-1))
 
 
-class UncertaintyModel:
+class UncertaintyModel(Classifier):
     """Shared behaviour: validation, batched prediction, saving. Subclasses define the net and one batch."""
 
     method: str = ""
@@ -78,12 +78,6 @@ class UncertaintyModel:
             probs[start : start + size] = p.numpy()
             unc[start : start + size] = u.numpy()
         return Prediction(probs=probs, uncertainty=unc)
-
-    def predict_proba(self, x) -> np.ndarray:
-        return self.predict_with_uncertainty(x).probs
-
-    def predict(self, x) -> np.ndarray:
-        return np.argmax(self.predict_proba(x), axis=1)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write config + weights atomically: a directory appears at `path` only once complete."""
