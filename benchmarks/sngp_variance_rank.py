@@ -28,7 +28,7 @@ import numpy as np
 
 def analyse(model_dir: str, points: int = 100_000, seed: int = 0) -> dict:
     import sngp_models
-    from sngp_models._tf import tf
+    from sngp_models.tf_setup import tf
 
     model = sngp_models.load_model(model_dir)
     net = model.net

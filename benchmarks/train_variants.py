@@ -31,11 +31,11 @@ import time
 
 import numpy as np
 
-from sngp_models._tf import tf, tf_keras
 from sngp_models.config import ModelConfig
 from sngp_models.data import make_two_moons
 from sngp_models.networks import SHUFFLE_STREAM, ResNetMembers, SNGPResNet, member_seed
-from sngp_models.training import fit_network
+from sngp_models.tf_setup import tf, tf_keras
+from sngp_models.training import fit_network, make_train_step
 
 VARIANTS = ("reference", "no_sync", "jit", "jit_no_sync", "epoch_graph", "library")
 NETS = ("deterministic", "sngp", "deep_ensemble")
@@ -50,18 +50,7 @@ def build(kind: str, input_dim: int, config: ModelConfig):
 
 
 def _step_fn(net, x_all, y_all, optimizer, variables, jit: bool):
-    def train_step(index, dropout_seed):
-        xb = tf.gather(x_all, index)
-        yb = tf.gather(y_all, index)
-        with tf.GradientTape() as tape:
-            logits = net.train_logits(xb, dropout_seed)
-            ce = tf_keras.losses.sparse_categorical_crossentropy(yb, logits, from_logits=True)
-            member_loss = tf.reduce_mean(ce, axis=1)
-            loss = tf.reduce_sum(member_loss) + net.regularization_loss()
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1), yb), tf.float32))
-        return tf.reduce_mean(member_loss), correct
-
+    train_step = make_train_step(net, x_all, y_all, optimizer, variables)
     return train_step, tf.function(train_step, reduce_retracing=True, jit_compile=jit or None)
 
 

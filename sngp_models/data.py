@@ -102,7 +102,7 @@ def make_dataset(
 ) -> TwoMoonsData:
     """Train set, fresh test sample, grid and OOD cluster; independent streams derived from one seed."""
     train_seed, test_seed, ood_seed = (
-        int(s.generate_state(1)[0] % (2**31 - 1)) for s in np.random.SeedSequence(_seed(seed)).spawn(3)
+        int(s.generate_state(1)[0] % (2**31 - 1)) for s in np.random.SeedSequence(check_seed(seed)).spawn(3)
     )
     x_train, y_train = make_two_moons(n_per_class, noise, train_seed)
     x_test, y_test = make_two_moons(n_test_per_class, noise, test_seed)
@@ -119,6 +119,7 @@ def make_dataset(
     )
 
 
-def _seed(seed: int) -> int:
+def check_seed(seed: int) -> int:
+    """`seed` as an int once it is a valid seed (ValueError naming it otherwise)."""
     _rng(seed)
     return int(seed)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import _seed
+from .data import check_seed
 
 NUM_DIGITS = 10
 DEFAULT_KNOWN_CLASSES = (0, 1, 2, 3, 4)
@@ -69,7 +69,7 @@ def make_digits_dataset(
     seed: int = 0, known_classes: Sequence[int] = DEFAULT_KNOWN_CLASSES, test_fraction: float = 0.3
 ) -> DigitsData:
     """Digits of `known_classes` split into train/test (stratified by `seed`); the other digits are OOD."""
-    seed = _seed(seed)
+    seed = check_seed(seed)
     known = check_known_classes(known_classes)
     is_number = isinstance(test_fraction, (int, float, np.floating)) and not isinstance(test_fraction, bool)
     if not is_number or not 0.0 < float(test_fraction) < 1.0:

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from ._tf import tf
 from .config import RELEVANT_FIELDS, ModelConfig, check_method
 from .exact_gp import ExactGPModel
 from .interface import FORMAT_VERSION, Classifier, Prediction, read_model_dir, write_model_dir  # noqa: F401 (re-exported)
 from .networks import ResNetMembers, SNGPResNet
+from .tf_setup import tf
 from .training import EpochCallback, fit_network
 from .validation import NotFittedError, check_features, check_labels
 
-_MC_SEED_STREAM = 0x5EED
+MC_SEED_STREAM = 0x5EED
 
 
 def _uncertainty(probs: tf.Tensor) -> tf.Tensor:
@@ -160,7 +160,7 @@ class MCDropoutModel(UncertaintyModel):
     def _batch_probs(self, x, batch_index):
         k = self.config.num_mc_samples
         seed = tf.random.experimental.stateless_fold_in(
-            tf.constant([self.config.seed, _MC_SEED_STREAM], tf.int64), batch_index
+            tf.constant([self.config.seed, MC_SEED_STREAM], tf.int64), batch_index
         )
         tiled = tf.tile(x, [k, 1])  # (K*B, D): every pass gets its own dropout masks
         logits = self.net.logits(tiled, dropout_seed=seed)[0]

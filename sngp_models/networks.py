@@ -25,8 +25,8 @@ import numpy as np
 # model of this process exists. TF_USE_LEGACY_KERAS is already set: sngp_models/__init__.py runs first.
 from official.nlp.modeling import layers as nlp_layers
 
-from ._tf import tf, tf_keras
 from .config import ModelConfig
+from .tf_setup import tf, tf_keras
 
 # Building the SNGP network draws from TensorFlow's global seed (tf-models' layers take no seeds);
 # serialise those few milliseconds so concurrent builds in threads stay reproducible.

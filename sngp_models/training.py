@@ -12,11 +12,32 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._tf import tf, tf_keras
 from .config import ModelConfig
 from .networks import SHUFFLE_STREAM, member_seed
+from .tf_setup import tf, tf_keras
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+TrainStep = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+
+
+def make_train_step(net, x_all: tf.Tensor, y_all: tf.Tensor, optimizer, variables) -> TrainStep:
+    """One optimisation step on the mini-batch rows `index` (members, b) of x_all/y_all -> (mean loss
+    over members, correct predictions). Each member sees its own mini-batch; the loss is the members'
+    summed cross-entropy plus the network's regularisation (SNGP: none beyond spectral normalisation)."""
+
+    def train_step(index: tf.Tensor, dropout_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        xb = tf.gather(x_all, index)  # (M, b, D): each member sees its own mini-batch
+        yb = tf.gather(y_all, index)
+        with tf.GradientTape() as tape:
+            logits = net.train_logits(xb, dropout_seed)
+            ce = tf_keras.losses.sparse_categorical_crossentropy(yb, logits, from_logits=True)
+            member_loss = tf.reduce_mean(ce, axis=1)
+            loss = tf.reduce_sum(member_loss) + net.regularization_loss()
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1), yb), tf.float32))
+        return tf.reduce_mean(member_loss), correct
+
+    return train_step
 
 
 def fit_network(
@@ -31,17 +52,7 @@ def fit_network(
     shufflers = [np.random.default_rng(member_seed(config.seed, m, SHUFFLE_STREAM)) for m in range(members)]
     variables = net.trainable_weights
 
-    def train_step(index: tf.Tensor, dropout_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        xb = tf.gather(x_all, index)  # (M, b, D): each member sees its own mini-batch
-        yb = tf.gather(y_all, index)
-        with tf.GradientTape() as tape:
-            logits = net.train_logits(xb, dropout_seed)
-            ce = tf_keras.losses.sparse_categorical_crossentropy(yb, logits, from_logits=True)
-            member_loss = tf.reduce_mean(ce, axis=1)
-            loss = tf.reduce_sum(member_loss) + net.regularization_loss()
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1), yb), tf.float32))
-        return tf.reduce_mean(member_loss), correct
+    train_step = make_train_step(net, x_all, y_all, optimizer, variables)
 
     steps = math.ceil(n / config.batch_size)
     batch_size, seed = config.batch_size, tf.constant(config.seed, tf.int64)

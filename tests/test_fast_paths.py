@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 import sngp_models
-from sngp_models._tf import tf, tf_keras
 from sngp_models.config import ModelConfig
 from sngp_models.data import make_two_moons
-from sngp_models.models import _MC_SEED_STREAM, MCDropoutModel
+from sngp_models.models import MC_SEED_STREAM, MCDropoutModel
 from sngp_models.networks import SHUFFLE_STREAM, ResNetMembers, SNGPResNet, member_seed
+from sngp_models.tf_setup import tf, tf_keras
 from sngp_models.training import fit_network
 
 SHORT = dict(epochs=3, num_hidden=32, num_layers=2, num_inducing=128, ensemble_size=3, seed=0)
@@ -32,7 +32,10 @@ def moons():
 
 
 def straightforward_fit(net, x, y, config: ModelConfig) -> dict[str, list[float]]:
-    """The plain loop: one compiled step per mini-batch, the loss read back after every step."""
+    """The plain loop: one compiled step per mini-batch, the loss read back after every step.
+
+    Its train step is a deliberate copy of sngp_models.training.make_train_step: the reference must not
+    share the code it checks, or a bug in that code would pass unnoticed."""
     x_all, y_all = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
     n, members = len(x), net.num_members
     optimizer = tf_keras.optimizers.legacy.Adam(learning_rate=config.learning_rate)
@@ -108,7 +111,7 @@ def _loop_of_passes(model: MCDropoutModel, x: np.ndarray, batch_index: int) -> n
     cfg, net = model.config, model.net
     k, rate, b = cfg.num_mc_samples, cfg.dropout_rate, len(x)
     seed = tf.random.experimental.stateless_fold_in(
-        tf.constant([cfg.seed, _MC_SEED_STREAM], tf.int64), tf.constant(batch_index, tf.int64)
+        tf.constant([cfg.seed, MC_SEED_STREAM], tf.int64), tf.constant(batch_index, tf.int64)
     )
     masks = [  # what stateless_dropout draws for the (K*B, H) tiled batch at layer `layer`
         tf.random.stateless_uniform(
@@ -158,7 +161,7 @@ def test_one_tiled_pass_is_one_dropout_pass(moons) -> None:
     )
     x = moons[0][:40].astype(np.float32)
     seed = tf.random.experimental.stateless_fold_in(
-        tf.constant([one.config.seed, _MC_SEED_STREAM], tf.int64), tf.constant(0, tf.int64)
+        tf.constant([one.config.seed, MC_SEED_STREAM], tf.int64), tf.constant(0, tf.int64)
     )
     single = tf.nn.softmax(one.net.logits(tf.constant(x), dropout_seed=seed)[0], axis=-1).numpy()
     np.testing.assert_allclose(one.predict_proba(x), single, rtol=0, atol=1e-6)
