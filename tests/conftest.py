@@ -27,3 +27,11 @@ def mlflow_reader(tmp_path_factory):
         return MlflowReader(f"sqlite:///{db}", downloads)
 
     return make
+
+
+def pytest_collection_modifyitems(items):
+    """Tests under tests/servers/ and tests/reliability/ start real server stacks and `sngp` processes:
+    marked `e2e`, so `make test-fast` (-m "not slow and not e2e") runs only the unit tests."""
+    for item in items:
+        if {"servers", "reliability"} & set(item.path.relative_to(Path(__file__).parent).parts):
+            item.add_marker(pytest.mark.e2e)
