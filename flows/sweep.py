@@ -20,9 +20,7 @@ from prefect import flow
 
 from flows.config import PipelineConfig
 from flows.sweep_spec import SweepSpec, expand, point_settings
-from tasks.recording import parent_run
 from tasks.sweep import point_data_files, submit_points
-from tasks.sweep_results import finish_sweep, record_point, record_spec
 
 
 @flow(name="sweep", log_prints=True)
@@ -31,6 +29,10 @@ def sweep(spec: SweepSpec, base: PipelineConfig, deployment: str | None = None) 
 
     `deployment` (a sweep-point deployment, e.g. 'sweep-point/pool'): run each point as a flow run of
     it on its work pool instead of as a task of this flow."""
+    # lazy: MLflow only in the flow's process, not in the Dask workers that unpickle this flow
+    from tasks.recording import parent_run
+    from tasks.sweep_results import finish_sweep, record_point, record_spec
+
     points = expand(spec)
     settings, invalid = point_settings(base, points)  # an invalid point fails alone
     tags = {"sweep.points": str(len(points)), "sweep.methods": ",".join(spec.methods)}

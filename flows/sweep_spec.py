@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sklearn.model_selection import ParameterGrid, ParameterSampler
 
 from flows.config import ConfigError, Method, PipelineConfig, load_config, read_yaml_file, validate_config
 from sngp_models.config import RELEVANT_FIELDS, ModelConfig
@@ -127,7 +126,7 @@ class SweepSpec(Strict):
                     f"grid.{key}: does not change what {', '.join(self.methods)} trains or predicts; "
                     f"add a method it applies to (e.g. deep_ensemble for deep_ensemble.ensemble_size)"
                 )
-        size = len(ParameterGrid(method_grids(self)))
+        size = len(grid_combinations(self))
         if self.random is not None and self.random.n > size:
             raise ValueError(
                 f"random.n: {self.random.n} is more than the {size} settings of the grid; lower it or "
@@ -194,13 +193,22 @@ def method_grids(spec: SweepSpec) -> list[dict[str, list[Any]]]:
     ]
 
 
+def grid_combinations(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every combination of the grid: `method` and the settings that affect it (scikit-learn order)."""
+    from sklearn.model_selection import ParameterGrid  # lazy: ~1.5 s; Dask workers import this module
+
+    return list(ParameterGrid(method_grids(spec)))
+
+
 def setting_combinations(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
     """(method, settings) of every method: the grid's combinations, or the `random` sample of them;
     in the file's order (methods as listed, then the grid with its first key varying slowest)."""
-    grids = method_grids(spec)
     if spec.random is None:
-        combos = list(ParameterGrid(grids))
+        combos = grid_combinations(spec)
     else:
+        from sklearn.model_selection import ParameterSampler  # lazy: as ParameterGrid above
+
+        grids = method_grids(spec)
         combos = list(ParameterSampler(grids, n_iter=spec.random.n, random_state=spec.random.seed))
     # scikit-learn orders a combination's keys alphabetically: back to the file's order.
     positions = {k: {encode_value(v): i for i, v in enumerate(values)} for k, values in spec.grid.items()}

@@ -11,17 +11,14 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from flows.cli.common import UserError, check_cache_dir, terminate_on_sigterm
 from flows.config import ConfigError
 from flows.ops.local_prefect import start_if_local
+from flows.sweep_spec import SweepError, SweepSpec, expand, load_sweep
 from tasks.redaction import redact
 from tasks.sweep_points import format_settings
-
-if TYPE_CHECKING:
-    from flows.sweep_spec import SweepSpec
 
 HELP = "Run a hyperparameter sweep (conf/sweep_*.yaml) on a thread pool, a Dask cluster or a work pool."
 DEFAULT_DEPLOYMENT = "sweep-point/pool"  # prefect.yaml; registered by `make deploy`
@@ -240,9 +237,6 @@ def main(args: argparse.Namespace) -> int:
     if args.cache_dir:
         os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
     check_cache_dir()
-    # scikit-learn's grids (~2 s of imports) only for `sngp sweep`: every sngp command loads this module.
-    from flows.sweep_spec import SweepError, expand, load_sweep
-
     extra = [f"mlflow.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
     try:
         spec, base = load_sweep(args.config, extra)
