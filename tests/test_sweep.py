@@ -15,7 +15,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import METRICS, PNG_MAGIC, REPO, describe, run_sngp, sngp_env
+from support.cli import PNG_MAGIC, REPO, SngpProcess, describe, run_sngp, sngp_env
+from support.pgcluster import free_port
+
+from sngp_models.evaluation import METRIC_NAMES as METRICS
 
 SWEEP = REPO / "conf" / "sweep_smoke.yaml"
 SPEC = yaml.safe_load(SWEEP.read_text())
@@ -33,21 +35,12 @@ N_POINTS = len(VALUES) * len(SEEDS)
 EXPERIMENT = SPEC["base"]["overrides"]["mlflow.experiment"]
 EPOCHS = int(yaml.safe_load((REPO / "conf" / "smoke.yaml").read_text())["training"]["epochs"])
 TIMINGS = ("train_seconds", "inference_seconds")  # wall clock: the only metrics allowed to differ
-PARENT_ID = re.compile(r"MLflow parent run: ([0-9a-f]{32})")
 POINT_STATE = re.compile(r"Task run 'sweep-(p\d{3})[^']*' - Finished in state (\w+)")
 DASK = Path(sys.executable).parent / "dask"
 WALL_TIMES: dict[str, float] = {}
 
 
-def parent_id_of(proc: subprocess.CompletedProcess) -> str:
-    found = PARENT_ID.search(proc.stdout)
-    assert found, f"no parent run id in stdout\n{describe(proc)}"
-    return found.group(1)
-
-
-def sweep(
-    workdir: Path, *args: str, config: Path = SWEEP, cache: str = ".sngp_cache"
-) -> subprocess.CompletedProcess:
+def sweep(workdir: Path, *args: str, config: Path = SWEEP, cache: str = ".sngp_cache") -> SngpProcess:
     """`sngp sweep` in `workdir` (its mlflow.db and Prefect home) with the cache folder workdir/cache."""
     return run_sngp(
         ["sweep", "--config", str(config), *args],
@@ -131,7 +124,7 @@ def thread_run(workdir, mlflow_reader):
     assert proc.returncode == 0, describe(proc)
     WALL_TIMES["thread pool (2 threads)"] = proc.seconds
     reader = mlflow_reader(workdir)
-    parent_id = parent_id_of(proc)
+    parent_id = proc.parent_id
     return workdir, proc, reader, parent_id, check_complete_record(reader, parent_id, cached=False)
 
 
@@ -152,7 +145,7 @@ def test_rerun_is_served_from_the_cache(thread_run) -> None:
     states = dict(POINT_STATE.findall(proc.stderr + proc.stdout))
     assert states == {f"p{i:03d}": "Cached" for i in range(N_POINTS)}, states
     assert f"{N_POINTS} finished ({N_POINTS} from the cache)" in proc.stdout
-    parent_id = parent_id_of(proc)
+    parent_id = proc.parent_id
     assert parent_id != first_parent
     points = check_complete_record(reader, parent_id, cached=True)  # a complete new record anyway
     assert_same_metrics(first_points, points, "cached rerun")
@@ -167,18 +160,12 @@ def test_local_dask_cluster_gives_identical_metrics(thread_run) -> None:
     assert not proc.leaked, describe(proc)
     WALL_TIMES["local Dask cluster (2 workers)"] = proc.seconds
     assert "local Dask cluster (2 worker processes)" in proc.stdout
-    points = check_complete_record(reader, parent_id_of(proc), cached=False)
+    points = check_complete_record(reader, proc.parent_id, cached=False)
     assert_same_metrics(reference, points, "local Dask vs thread pool")
     used = workers_used(points)
     assert len(used) == 2, f"points ran on {used}, expected both worker processes"
     assert used.isdisjoint(workers_used(reference))
     print(f"\nlocal Dask cluster: {proc.seconds:.1f} s for {N_POINTS} points on {sorted(used)}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_workers(address: str, n: int, procs: list[subprocess.Popen], timeout: float = 180) -> None:
@@ -214,7 +201,7 @@ def test_existing_dask_cluster_gives_identical_metrics(thread_run) -> None:
     cache = "cache-dask-existing"
     # The workers share the sweep's cache folder (here: the same machine, so the same path).
     env = sngp_env(workdir, SNGP_CACHE_DIR=str(workdir / cache), DASK_LOGGING__DISTRIBUTED="warning")
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = workdir / "dask-logs"
     logs.mkdir()
@@ -259,7 +246,7 @@ def test_existing_dask_cluster_gives_identical_metrics(thread_run) -> None:
         _stop(procs)
     WALL_TIMES["existing Dask cluster (2 workers)"] = proc.seconds
     assert f"Dask cluster at {address}" in proc.stdout
-    points = check_complete_record(reader, parent_id_of(proc), cached=False)
+    points = check_complete_record(reader, proc.parent_id, cached=False)
     assert_same_metrics(reference, points, "existing Dask cluster vs thread pool")
     used = workers_used(points)
     assert len(used) == 2, f"points ran on {used}, expected both dask workers"
@@ -290,7 +277,7 @@ def test_an_invalid_point_is_failed_and_the_others_finish(thread_run) -> None:
     assert proc.returncode == 1, describe(proc)
     assert "1 of 2 points failed" in proc.stdout, proc.stdout
     assert "spec_norm_bound" in proc.stdout.split("1 of 2 points failed")[1]
-    parent = reader.client.get_run(parent_id_of(proc))
+    parent = reader.client.get_run(proc.parent_id)
     assert parent.info.status == "FINISHED"  # the sweep itself worked
     assert parent.data.tags["sweep.failed_points"] == "1" and parent.data.tags["sweep.failed_ids"] == "p001"
     points = points_of(reader, parent.info.run_id)
@@ -376,7 +363,7 @@ def test_bad_sweep_files_and_options_fail_fast(tmp_path, spec, args, message) ->
 def test_workpool_runner_with_no_server_answering_fails_fast(tmp_path) -> None:
     """PREFECT_API_URL set, nothing listening: one line naming the URL and the fix (tests/servers/
     test_sweep_workpool.py runs the work pool for real, and checks unknown deployments there)."""
-    port = _free_port()  # bound and released: nothing listens there
+    port = free_port()  # bound and released: nothing listens there
     env = sngp_env(tmp_path, PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
     proc = run_sngp(["sweep", "--config", str(SWEEP), "--runner", "workpool"], cwd=tmp_path, env=env)
     assert proc.returncode == 2, describe(proc)

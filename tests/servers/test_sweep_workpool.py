@@ -1,7 +1,7 @@
 """`sngp sweep --runner workpool` on real servers: the small sweep as one flow run per point on a
 Prefect process work pool with two workers, recorded by the sweep in the MLflow server.
 
-One stack for the module (flows.serve.Services with workers=2, what `sngp serve --workers 2` starts,
+One stack for the module (flows.ops.stack.Services with workers=2, what `sngp serve --workers 2` starts,
 on free loopback ports and a temporary directory), `make deploy` against it, then:
 
 1. the small sweep (conf/sweep_smoke.yaml, 8 points) on the thread runner, from an empty cache: the
@@ -31,10 +31,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import MlflowReader, clean_server_env
+from support.cli import clean_server_env, describe
+from support.pgcluster import free_port
+from support.records import MlflowReader
 from test_sweep import N_POINTS, SWEEP, assert_same_metrics, check_complete_record, points_of
 
-from flows.pgcluster import free_port
+from flows.ops.stack import start_services
+from tasks.sweep import FlowRunFailed, dispatch_point
 
 ROOT = Path(__file__).resolve().parents[2]
 SNGP = Path(sys.executable).parent / "sngp"
@@ -51,13 +54,6 @@ def _json(url: str, body: dict | None = None):
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with _NO_PROXY.open(request, timeout=60) as response:
         return json.loads(response.read())
-
-
-def _describe(proc) -> str:
-    return (
-        f"{' '.join(map(str, proc.args))}\nexit {proc.returncode} after {proc.seconds:.1f} s\n"
-        f"--- stdout (tail) ---\n{proc.stdout[-4000:]}\n--- stderr (tail) ---\n{proc.stderr[-6000:]}"
-    )
 
 
 class Stack:
@@ -118,9 +114,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """What `sngp serve --workers 2` starts, through its Python API (from the main thread, which
-    outlives the children, as flows.serve asks)."""
-    from flows.serve import start_services
-
+    outlives the children, as flows.ops.stack asks)."""
     root = tmp_path_factory.mktemp("sweep-workpool")
     prefect_port = free_port()
     mlflow_port = free_port()
@@ -143,8 +137,8 @@ def stack(tmp_path_factory):
 def deployed(stack):
     cron = f"17 {(datetime.now(UTC).hour + 12) % 24} * * *"  # the nightly retrain never fires meanwhile
     proc = stack.run(["make", "-C", ROOT, "deploy"], stack.env(SNGP_RETRAIN_CRON=cron), timeout=600)
-    assert proc.returncode == 0, _describe(proc)
-    assert f"Deployment '{DEPLOYMENT}' successfully" in proc.stdout, _describe(proc)
+    assert proc.returncode == 0, describe(proc)
+    assert f"Deployment '{DEPLOYMENT}' successfully" in proc.stdout, describe(proc)
     print(f"[sweep-workpool] make deploy: {proc.seconds:.1f} s")
     return _json(f"{stack.services.prefect_api_url}/deployments/name/{DEPLOYMENT}")
 
@@ -153,7 +147,7 @@ def deployed(stack):
 def thread_run(stack):
     """The reference: the thread runner from an empty cache, recorded in the same MLflow server."""
     proc = stack.sweep("cache-thread")
-    assert proc.returncode == 0, _describe(proc)
+    assert proc.returncode == 0, describe(proc)
     WALL_TIMES["thread pool (2 threads)"] = proc.seconds
     reader = stack.reader()
     return proc, check_complete_record(reader, _parent_id(proc), cached=False)
@@ -163,7 +157,7 @@ def thread_run(stack):
 def pool_run(stack, deployed, thread_run):
     """The same sweep on the work pool, from an empty cache of its own."""
     proc = stack.sweep("cache-pool", "--runner", "workpool")
-    assert proc.returncode == 0, _describe(proc) + stack.logs()
+    assert proc.returncode == 0, describe(proc) + stack.logs()
     WALL_TIMES["work pool (2 workers)"] = proc.seconds
     return proc
 
@@ -172,7 +166,7 @@ def _parent_id(proc) -> str:
     for line in proc.stdout.splitlines():
         if line.startswith("MLflow parent run: "):
             return line.split()[3]
-    raise AssertionError(f"no parent run id in the output\n{_describe(proc)}")
+    raise AssertionError(f"no parent run id in the output\n{describe(proc)}")
 
 
 def _check_flow_runs(stack: Stack, deployment: dict, points: dict, cache: Path) -> dict[str, list[str]]:
@@ -232,7 +226,7 @@ def test_workpool_sweep_spreads_over_two_workers_with_the_thread_runners_metrics
 def test_rerun_on_the_pool_is_served_from_the_cache(stack, deployed, pool_run):
     first = points_of(stack.reader(), _parent_id(pool_run))
     proc = stack.sweep("cache-pool", "--runner", "workpool")
-    assert proc.returncode == 0, _describe(proc) + stack.logs()
+    assert proc.returncode == 0, describe(proc) + stack.logs()
     assert f"{N_POINTS} finished ({N_POINTS} from the cache)" in proc.stdout, proc.stdout
     reader = stack.reader()
     points = check_complete_record(reader, _parent_id(proc), cached=True)  # a complete new record anyway
@@ -243,7 +237,7 @@ def test_rerun_on_the_pool_is_served_from_the_cache(stack, deployed, pool_run):
 
     # One cache for every runner: the thread runner finds the pool's points cached.
     threads = stack.sweep("cache-pool")
-    assert threads.returncode == 0, _describe(threads)
+    assert threads.returncode == 0, describe(threads)
     assert f"{N_POINTS} finished ({N_POINTS} from the cache)" in threads.stdout, threads.stdout
     assert_same_metrics(first, check_complete_record(reader, _parent_id(threads), cached=True), "threads")
     print(
@@ -263,8 +257,8 @@ def test_rerun_on_the_pool_is_served_from_the_cache(stack, deployed, pool_run):
 def test_a_deployment_that_cannot_run_points_is_one_line(stack, deployed, deployment, message):
     before = _json(f"{stack.services.prefect_api_url}/flow_runs/count", {})
     proc = stack.sweep("cache-bad", "--deployment", deployment)
-    assert proc.returncode == 2, _describe(proc)
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, _describe(proc)
+    assert proc.returncode == 2, describe(proc)
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, describe(proc)
     assert _json(f"{stack.services.prefect_api_url}/flow_runs/count", {}) == before  # nothing started
 
 
@@ -276,8 +270,6 @@ def test_a_failed_point_flow_run_is_reported_with_its_worker_and_reason(stack, d
     from concurrent.futures import ThreadPoolExecutor
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.sweep import FlowRunFailed, dispatch_point
 
     cache = stack.cache("cache-pool")
     monkeypatch.setenv("SNGP_CACHE_DIR", str(cache))  # the sweep's cache folder, as sngp sweep sets it
@@ -318,8 +310,8 @@ def test_stopping_the_stack_stops_both_workers(stack, pool_run):
     assert all(w["status"] == "ONLINE" for w in services.worker_statuses().values())
     for name in ("worker-1.log", "worker-2.log"):
         assert (services.log_dir / name).stat().st_size > 0, name
-    children = [c.proc for c in services._children.values() if c.proc.poll() is None]
-    workers = [c.proc for key, c in services._children.items() if key.startswith("worker-")]
+    children = [c.proc for c in services.children.values() if c.proc.poll() is None]
+    workers = [c.proc for key, c in services.children.items() if key.startswith("worker-")]
     assert len(workers) == 2 and all(p.poll() is None for p in workers)
     seconds = services.stop()
     assert all(p.poll() is not None for p in children)
