@@ -19,6 +19,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from . import pyfunc_model
+from .cache import HOST, process_alive, process_start_time
 from .pyfunc_model import signature
 from .redaction import redact
 
@@ -153,8 +154,6 @@ ORPHAN_TAG = "sngp.failure"
 
 def process_tags() -> dict[str, str]:
     """Tags naming this process (host, pid, start time), recorded on every run the pipeline opens."""
-    from .cache import HOST, process_start_time
-
     return {
         HOST_TAG: HOST,
         PID_TAG: str(os.getpid()),
@@ -166,8 +165,6 @@ def fail_orphaned_runs(tracking_uri: str, experiment_id: str) -> list[str]:
     """Mark FAILED the experiment's RUNNING runs whose process (on this host) is gone: it was killed
     (SIGKILL, out of memory, power loss) before it could end them. Tags `sngp.failure` with the reason;
     returns their ids. Runs of live processes, of other hosts, or without process tags are left alone."""
-    from .cache import HOST, process_alive
-
     client = MlflowClient(tracking_uri)
     orphaned = []
     runs = client.search_runs(

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         module.add_arguments(p)
-        p.set_defaults(_module=module)
+        p.set_defaults(command_module=module)
     return parser
 
 
@@ -66,7 +66,7 @@ def _run(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._module.main(args) or 0)
+        return int(args.command_module.main(args) or 0)
     except (UserError, ServiceError) as exc:
         if args.debug:
             raise
