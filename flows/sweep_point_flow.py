@@ -17,7 +17,6 @@ of this flow-run process.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 
@@ -25,8 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
-from tasks.cache import CODE_VERSION, write_atomic
-from tasks.sweep import check_shared_cache, point_result_path, point_task
+from tasks.sweep import check_code_version, check_shared_cache, point_task, this_process, write_point_result
 
 
 @flow(name="sweep-point", persist_result=False, log_prints=True)
@@ -39,35 +37,22 @@ def sweep_point_flow(
     cannot be called model_config, a name pydantic reserves). `code_version`: the sweep's
     (tasks.cache.CODE_VERSION); a worker running other code fails the point instead of computing it
     with different code."""
-    logger = get_run_logger()
     worker = worker_name()
-    where = f"{socket.gethostname()}:{os.getpid()}"
-    if code_version is not None and code_version != CODE_VERSION:
-        raise RuntimeError(
-            f"worker {worker or where} runs other code (code version {CODE_VERSION}) than the sweep "
-            f"({code_version}): bring the worker's checkout (the deployment's SNGP_PROJECT_DIR) and the "
-            "sweep's to the same code"
-        )
+    check_code_version(code_version, worker)
     check_shared_cache(data_path)  # the data file and the cache folder of the sweep, before any work
     state = point_task()(
         label=label, method=method, model_config=model_settings, data_path=data_path, return_state=True
     )
     result = state.result()  # raises (and so fails this flow run) if the task failed
-    record = {
-        **result,
-        "cached": state.name == "Cached",
-        "prefect_worker": worker,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-    }
-    run_id = flow_run.get_id()
-    if run_id:
-        path = point_result_path(run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(record, default=float)  # numpy scalars in curves -> floats
-        write_atomic(path, lambda tmp: tmp.write_text(text))
-    logger.info(
-        "%s: %s on %s (%s)", label, "cached" if record["cached"] else "computed", worker or "no worker", where
+    record = {**result, "cached": state.name == "Cached", "prefect_worker": worker}
+    record.update(host=socket.gethostname(), pid=os.getpid())
+    write_point_result(flow_run.get_id(), record)
+    get_run_logger().info(
+        "%s: %s on %s (%s)",
+        label,
+        "cached" if record["cached"] else "computed",
+        worker or "no worker",
+        this_process(),
     )
     return record
 

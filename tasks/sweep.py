@@ -26,7 +26,7 @@ from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE, CompoundCachePolicy, Inputs
 from prefect.futures import PrefectFuture
 
-from .cache import CACHE_POLICY, CODE_VERSION, cache_root, configured
+from .cache import CACHE_POLICY, CODE_VERSION, cache_root, configured, write_atomic
 from .data import data_file
 from .evaluate import evaluate_model
 from .sweep_points import Point
@@ -70,6 +70,22 @@ def check_shared_cache(data_path: str) -> None:
             f"worker {socket.gethostname()} caches into {cache_root()}, the sweep into {expected}: start "
             f"the Dask workers with SNGP_CACHE_DIR={expected}"
         )
+
+
+def check_code_version(code_version: str | None, worker: str) -> None:
+    """A point flow run on a worker with other code than the sweep's (`code_version`) fails instead of
+    computing the point with different code."""
+    if code_version is not None and code_version != CODE_VERSION:
+        raise RuntimeError(
+            f"worker {worker or this_process()} runs other code (code version {CODE_VERSION}) than the "
+            f"sweep ({code_version}): bring the worker's checkout (the deployment's SNGP_PROJECT_DIR) and "
+            "the sweep's to the same code"
+        )
+
+
+def this_process() -> str:
+    """host:pid of this process (where a point ran)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def point_task():
@@ -144,6 +160,16 @@ def submit_points(
 def point_result_path(flow_run_id: Any) -> Path:
     """Where the sweep-point flow run `flow_run_id` leaves its result for the sweep (shared cache folder)."""
     return cache_root() / "sweeps" / "points" / f"{flow_run_id}.json"
+
+
+def write_point_result(flow_run_id: Any, record: dict[str, Any]) -> None:
+    """Leave a point flow run's result where dispatch_point reads it (nothing outside a flow run)."""
+    if not flow_run_id:
+        return
+    path = point_result_path(flow_run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, default=float)  # numpy scalars in curves -> floats
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def dispatch_poll_seconds(points: int) -> float:
