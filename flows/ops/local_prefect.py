@@ -1,11 +1,14 @@
 """Prefect's temporary server for local mode, started the moment `sngp run` knows it will need one.
 
 Without PREFECT_API_URL, Prefect starts a temporary server on its first API call, after `import prefect`
-and the flow's imports (~5 s), then waits for it (~5 s). Starting the same server process ourselves
-(same command and environment as prefect.server.api.server.SubprocessASGIServer) before anything heavy
-is imported overlaps the two, which is most of a fully cached run's time. Prefect is then pointed at it
-with PREFECT_API_URL, so it uses it like any server. The server dies with this process: stopped at exit,
-and killed by the kernel if we are SIGKILLed (PR_SET_PDEATHSIG).
+and the flow's imports (~5 s), then waits for it (~5 s). Starting a server ourselves before anything
+heavy is imported overlaps the two, which is most of a fully cached run's time. Prefect is then pointed
+at it with PREFECT_API_URL, so it uses it like any server. The server dies with this process: stopped at
+exit, and killed by the kernel if we are SIGKILLed (PR_SET_PDEATHSIG).
+
+It is Prefect's server app (`prefect.server.api.server:create_app`, as `prefect server start` runs it)
+under uvicorn, configured only through public settings to be what Prefect's own temporary server is:
+no UI, and none of the services that only matter to a long-lived server (SERVER_SETTINGS).
 """
 
 from __future__ import annotations
@@ -23,6 +26,28 @@ import urllib.request
 from pathlib import Path
 
 from flows.ops.processes import die_with_parent
+
+# Prefect's temporary server runs its app with no UI and, of the server's background services, only
+# those that record what a run reports (events, task runs, logs, automations); these settings give
+# the same. The services left out schedule deployments' runs, mark runs late, expire pauses, clean up
+# cancellations and leases, and mark workers offline: nothing a run of this process needs, and a
+# scheduler would start creating runs for the deployments of a local database. (Prefect's other flag
+# for its temporary server only frees memory under FastAPI < 0.137, older than the one installed.)
+SERVER_SETTINGS = {
+    "PREFECT_UI_ENABLED": "false",
+    **{
+        f"PREFECT_SERVER_SERVICES_{service}_ENABLED": "false"
+        for service in (
+            "SCHEDULER",
+            "LATE_RUNS",
+            "PAUSE_EXPIRATIONS",
+            "CANCELLATION_CLEANUP",
+            "REPOSSESSOR",
+            "CLEANUP_RECONCILER",
+            "FOREMAN",
+        )
+    },
+}
 
 
 def _configured_api_url() -> bool:
@@ -61,12 +86,7 @@ class LocalPrefectServer:
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
-        env = {
-            **os.environ,
-            "PREFECT_UI_ENABLED": "0",
-            "PREFECT__SERVER_EPHEMERAL": "1",
-            "PREFECT__SERVER_FINAL": "1",
-        }
+        env = {**os.environ, **SERVER_SETTINGS}
         self.process = subprocess.Popen(
             [
                 sys.executable,
