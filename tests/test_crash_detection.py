@@ -1,14 +1,18 @@
-"""The detection of unresponsive flow runs, without servers (tests/servers/test_unresponsive_runs.py
+"""The detection of unresponsive flow runs, without the served stack (tests/servers/test_unresponsive_runs.py
 checks it end to end): the automation `sngp serve` keeps on its Prefect server is one Prefect's API
 accepts, with a window derived from the workers' heartbeat interval; the workers get that interval;
-and a sweep point whose flow run the automation crashed is reported as one that stopped responding.
+and a sweep point whose flow run the automation crashed is reported as one that stopped responding
+(on Prefect's temporary test server, the run set Crashed as the automation or a dying process does).
 """
 
 from __future__ import annotations
 
+import contextvars
+import re
+import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 
 import pytest
 
@@ -95,6 +99,31 @@ def test_the_workers_get_the_heartbeat_and_bad_values_fail_before_anything_start
     assert not data.exists()  # nothing started, nothing written
 
 
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A real temporary Prefect server on a database of its own (Prefect's test harness)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _crash_when_created(name: str, message: str, worker: str) -> None:
+    """Wait for the flow run `name`, then do what a worker's labels and the automation (or a dying
+    process) do to it: label it with its worker, set it Crashed with `message`."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        runs: list = []
+        while not runs:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+            time.sleep(0.2)
+        client.update_flow_run_labels(runs[0].id, {"prefect.worker.name": worker})
+        client.set_flow_run_state(runs[0].id, Crashed(message=message), force=True)
+
+
 @pytest.mark.parametrize(
     "message, expected",
     [
@@ -110,27 +139,27 @@ def test_the_workers_get_the_heartbeat_and_bad_values_fail_before_anything_start
     ],
     ids=["no-heartbeat", "process-killed"],
 )
-def test_a_crashed_point_is_a_failure_that_says_why(tmp_path, monkeypatch, message, expected):
-    import prefect.deployments
-    from prefect.states import Crashed
+def test_a_crashed_point_is_a_failure_that_says_why(prefect_api, tmp_path, monkeypatch, message, expected):
+    """dispatch_point reports a Crashed flow run as a failure that says why it crashed."""
+    from prefect import get_client
 
     from tasks.sweep import FlowRunFailed, dispatch_point
 
     monkeypatch.setenv("SNGP_CACHE_DIR", str(tmp_path))
-    run_id = uuid.uuid4()
-    calls = []
-
-    def run_deployment(**kwargs):
-        calls.append(kwargs)
-        return SimpleNamespace(
-            name=kwargs["flow_run_name"],
-            id=run_id,
-            labels={"prefect.worker.name": "sngp-serve-worker-2"},
-            state=Crashed(message=message),
-        )
-
-    monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment, raising=False)
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("sweep-point")
+        client.create_deployment(flow_id=flow_id, name="pool", enforce_parameter_schema=False)
+    label = f"p001 sngp {uuid.uuid4().hex[:8]}"
+    crasher = threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(_crash_when_created, label, message, "sngp-serve-worker-2"),
+        daemon=True,
+    )
+    crasher.start()
     with pytest.raises(FlowRunFailed) as error:
-        dispatch_point.fn("p001 sngp", "sngp", {}, str(tmp_path / "d.npz"), "sweep-point/pool")
-    assert str(error.value) == f"flow run 'p001 sngp' ({run_id}) on worker sngp-serve-worker-2 {expected}"
-    assert calls[0]["timeout"] is None  # it waits for as long as the run takes: the automation ends it
+        dispatch_point.fn(label, "sngp", {}, str(tmp_path / "d.npz"), "sweep-point/pool", poll_seconds=0.5)
+    crasher.join(timeout=30)
+    assert re.fullmatch(
+        rf"flow run '{label}' \([0-9a-f-]{{36}}\) on worker sngp-serve-worker-2 " + re.escape(expected),
+        str(error.value),
+    ), str(error.value)

@@ -63,16 +63,11 @@ def crash_automation(heartbeat_seconds: int) -> Automation:
     Only flow runs of deployments (match_related role deployment): those are what the workers run with
     our interval, while `sngp run` / `sngp sweep` in a terminal keep Prefect's default of 180 s and must
     not be crashed between two heartbeats."""
-    from prefect.automations import (
-        Automation,
-        ChangeFlowRunState,
-        EventTrigger,
-        Posture,
-    )  # lazy: `sngp --help`
+    from prefect import automations  # lazy: keeps `sngp --help` fast
     from prefect.client.schemas.objects import StateType  # lazy: keeps `sngp --help` fast
 
     within = crash_after_seconds(heartbeat_seconds)
-    return Automation(
+    return automations.Automation(
         name=CRASH_AUTOMATION_NAME,
         description=(
             f"Created by `sngp serve`: a flow run of a deployment that has sent no heartbeat for {within} s "
@@ -80,18 +75,18 @@ def crash_automation(heartbeat_seconds: int) -> Automation:
             "or machine died does not stay Running forever. Updated by `sngp serve --heartbeat-seconds`."
         ),
         enabled=True,
-        trigger=EventTrigger(
+        trigger=automations.EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "deployment"},
             after={"prefect.flow-run.heartbeat"},
             expect=_EXPECTED_EVENTS,
             for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
+            posture=automations.Posture.Proactive,
             threshold=1,
             within=timedelta(seconds=within),
         ),
         actions=[
-            ChangeFlowRunState(
+            automations.ChangeFlowRunState(
                 state=StateType.CRASHED,
                 message=crash_message(heartbeat_seconds),
                 force=False,  # never overwrite a final state reported meanwhile
