@@ -18,7 +18,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.utilities.templating import apply_values
 
 from flows.config import PipelineConfig, validate_config
-from flows.serve import DEFAULT_WORK_POOL
+from flows.ops.commands import DEFAULT_WORK_POOL
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOW_NAMES = {
