@@ -47,16 +47,22 @@ _KD_TREE_MAX_DIM = 15
 # --------------------------------------------------------------------------- validation
 
 
+def _float_array(values, name: str, shape: str) -> np.ndarray:
+    """``values`` as a float64 array with as many dimensions as ``shape`` names, e.g. "(N, C)"."""
+    ndim = len([axis for axis in shape.strip("()").split(",") if axis.strip()])
+    try:
+        a = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        got = type(values).__name__
+        raise ValueError(f"{name} must be a numeric array of shape {shape}; got {got}") from exc
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D with shape {shape}; got ndim={a.ndim} (shape {a.shape})")
+    return a
+
+
 def _check_probs(probs: np.ndarray, name: str = "probs") -> np.ndarray:
     """Return ``probs`` as a float64 ``(N, C)`` array or raise ``ValueError``."""
-    try:
-        p = np.asarray(probs, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{name} must be a numeric array of shape (N, C); got {type(probs).__name__}"
-        ) from exc
-    if p.ndim != 2:
-        raise ValueError(f"{name} must be 2-D with shape (N, C); got ndim={p.ndim} (shape {p.shape})")
+    p = _float_array(probs, name, "(N, C)")
     n, c = p.shape
     if n < 1:
         raise ValueError(f"{name} must contain at least one example (N >= 1); got shape {p.shape}")
@@ -101,12 +107,7 @@ def _check_inputs(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
 
 def _check_scores(scores: np.ndarray, name: str) -> np.ndarray:
     """Return a finite, non-empty 1-D float64 score array or raise ``ValueError``."""
-    try:
-        s = np.asarray(scores, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a numeric 1-D array; got {type(scores).__name__}") from exc
-    if s.ndim != 1:
-        raise ValueError(f"{name} must be 1-D; got ndim={s.ndim} (shape {s.shape})")
+    s = _float_array(scores, name, "(N,)")
     if s.size == 0:
         raise ValueError(f"{name} must be non-empty")
     if not np.all(np.isfinite(s)):
@@ -122,12 +123,7 @@ def _check_n_bins(n_bins: int) -> int:
 
 def _check_features(x: np.ndarray, name: str) -> np.ndarray:
     """Return a finite, non-empty 2-D float64 ``(N, D)`` array or raise ``ValueError``."""
-    try:
-        a = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a numeric array of shape (N, D); got {type(x).__name__}") from exc
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-D with shape (N, D); got ndim={a.ndim} (shape {a.shape})")
+    a = _float_array(x, name, "(N, D)")
     if a.shape[0] < 1 or a.shape[1] < 1:
         raise ValueError(f"{name} must have at least one row and one column; got shape {a.shape}")
     if not np.all(np.isfinite(a)):

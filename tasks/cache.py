@@ -195,27 +195,28 @@ class ProcessLockManager(LockManager):
             tmp.unlink(missing_ok=True)
         return True
 
-    def acquire_lock(
-        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
-    ) -> bool:
+    def _waits(self, key: str, holder: str, acquire_timeout: float | None, hold_timeout: float | None):
+        """Yield the seconds to wait before each next try, until the lock is taken or time is up."""
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         while not self.try_acquire(key, holder, hold_timeout):
             pause = _pause_before(deadline)
             if pause is None:
-                return False
+                return
+            yield pause
+
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        for pause in self._waits(key, holder, acquire_timeout, hold_timeout):
             time.sleep(pause)
-        return True
+        return self.is_lock_holder(key, holder)
 
     async def aacquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
     ) -> bool:
-        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
-        while not self.try_acquire(key, holder, hold_timeout):
-            pause = _pause_before(deadline)
-            if pause is None:
-                return False
+        for pause in self._waits(key, holder, acquire_timeout, hold_timeout):
             await asyncio.sleep(pause)
-        return True
+        return self.is_lock_holder(key, holder)
 
     def release_lock(self, key: str, holder: str) -> None:
         """Remove `holder`'s lock. A lock that is already gone (expired, or the cache folder was
