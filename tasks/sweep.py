@@ -29,13 +29,12 @@ from prefect.futures import PrefectFuture
 from .cache import CACHE_POLICY, CODE_VERSION, cache_root, configured, write_atomic
 from .data import data_file
 from .evaluate import evaluate_model
-from .sweep_points import Point
+from .sweep_points import UNRESPONSIVE, Point
 from .train import train_model
 
 # Points dispatched at once (threads waiting for their flow runs); the pool's workers decide how many run.
 MAX_DISPATCHED = 64
 # What the Crashed state of a flow run whose heartbeats stopped says (`sngp serve`'s crash automation).
-UNRESPONSIVE = "stopped responding"
 
 
 @task(name="sweep-point", task_run_name="sweep-{label}", cache_policy=CACHE_POLICY, persist_result=True)

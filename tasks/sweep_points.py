@@ -11,6 +11,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# In the Crashed state's message of a flow run whose heartbeats stopped (the crash automation of
+# `sngp serve` writes it; a sweep's dispatch task recognises an unresponsive point by it).
+UNRESPONSIVE = "stopped responding"
+
 
 class SweepShape(Protocol):
     """What the results need to know of a sweep (flows.sweep_spec.SweepSpec has these)."""

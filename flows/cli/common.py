@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import ConfigError, PipelineConfig, load_config
-from flows.ops.local_prefect import start_if_local
+from flows.ops.local_prefect import LocalPrefectServer, start_if_local
 from tasks.redaction import redact
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "default.yaml"
@@ -168,14 +168,22 @@ def run_flow(failure: str, config: PipelineConfig, load_flow: Callable[[], Any])
     from tasks import tracking  # lazy: MLflow loads only after the config checks, while Prefect starts
 
     tracking.warm_up(tracking.resolve_tracking_uri(config.mlflow.tracking_uri))
+    if local_server is not None and local_server.creates_database and not local_server.ready():
+        # A first run on this machine: Prefect still migrates its new database (~5 s) and the run
+        # will train, so load TensorFlow and the models (~3.5 s) now instead of in the first task.
+        import sngp_models.models  # noqa: F401 - lazy: TensorFlow, only on a first run
+    return finish_flow_run(failure, local_server, flow, **flow_kwargs(config, flow))
+
+
+def finish_flow_run(
+    failure: str, local_server: LocalPrefectServer | None, flow: Any, **parameters
+) -> Any | None:
+    """Run `flow(**parameters)` once the temporary server `local_server` (None: a configured server)
+    answers -> the final state, or None once a failure was printed as one line starting with `failure`."""
     if local_server is not None:
-        if local_server.creates_database and not local_server.ready():
-            # A first run on this machine: Prefect still migrates its new database (~5 s) and the run
-            # will train, so load TensorFlow and the models (~3.5 s) now instead of in the first task.
-            import sngp_models.models  # noqa: F401 - lazy: TensorFlow, only on a first run
         local_server.wait_ready()
     with local_server.flow_settings() if local_server is not None else contextlib.nullcontext():
-        state = flow(**flow_kwargs(config, flow), return_state=True)
+        state = flow(**parameters, return_state=True)
     if state.is_completed():
         return state
     try:

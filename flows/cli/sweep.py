@@ -4,7 +4,6 @@ flow runs on a Prefect work pool."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import socket
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from flows.cli.common import UserError, check_cache_dir, terminate_on_sigterm
+from flows.cli.common import UserError, check_cache_dir, finish_flow_run, terminate_on_sigterm
 from flows.config import ConfigError
 from flows.ops.local_prefect import start_if_local
 from flows.sweep_spec import SweepError, SweepSpec, expand, load_sweep
@@ -256,16 +255,11 @@ def main(args: argparse.Namespace) -> int:
     terminate_on_sigterm()
     print(f"Sweep {args.config}: {points} points on {where}")
     started = time.perf_counter()
-    if local_server is not None:
-        local_server.wait_ready()
-    with local_server.flow_settings() if local_server is not None else contextlib.nullcontext():
-        flow_ = sweep.with_options(task_runner=task_runner)
-        state = flow_(spec=spec, base=base, deployment=deployment, return_state=True)
-    if not state.is_completed():
-        try:
-            state.result()
-        except BaseException as exc:  # noqa: BLE001 - reported as one line
-            print(f"sngp sweep: failed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+    flow_ = sweep.with_options(task_runner=task_runner)
+    state = finish_flow_run(
+        "sngp sweep: failed", local_server, flow_, spec=spec, base=base, deployment=deployment
+    )
+    if state is None:
         return 1
     summary = state.result()
     print_summary(spec, summary, time.perf_counter() - started, where)

@@ -17,12 +17,12 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from flows.ops.errors import ServiceError
+from tasks.sweep_points import UNRESPONSIVE
 
 if TYPE_CHECKING:
     from prefect.automations import Automation
 
 CRASH_AUTOMATION_NAME = "sngp: crash unresponsive flow runs"
-UNRESPONSIVE = "stopped responding"  # in the Crashed state's message
 MIN_HEARTBEAT_SECONDS = 30  # Prefect rejects shorter heartbeat intervals
 CRASH_MARGIN_SECONDS = 30  # beyond 3 intervals, so one late or lost heartbeat never counts
 
