@@ -11,16 +11,21 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+
 # The four methods of the study; pipelines iterate over these.
 METHODS = ("deterministic", "sngp", "mc_dropout", "deep_ensemble")
 # Optional methods behind the same interface, not part of the study's comparison by default.
 EXTRA_METHODS = ("exact_gp",)
 ALL_METHODS = METHODS + EXTRA_METHODS
+# ModelConfig.gp_kernel_scale's value for "choose it from the data".
+AUTO = "auto"
 
 # Fields that change what a given method learns or predicts. Used to key caches so that changing one
 # method's setting retrains only that method.
 _COMMON = (
     "num_classes",
+    "standardize",
     "num_layers",
     "num_hidden",
     "dropout_rate",
@@ -43,7 +48,7 @@ RELEVANT_FIELDS = {
         "gp_kernel_scale",
         "mean_field_factor",
     ),
-    "exact_gp": ("num_classes", "seed", "gp_max_train"),
+    "exact_gp": ("num_classes", "standardize", "seed", "gp_max_train"),
 }
 
 
@@ -56,6 +61,10 @@ class ModelConfig:
     """
 
     num_classes: int = 2
+    # Standardise the inputs inside the model: `fit` takes the train x's per-feature mean and std (a
+    # constant feature keeps std 1, i.e. is only centred), every prediction applies them, and they are
+    # saved with the model. False (the study's two moons) feeds x as given.
+    standardize: bool = False
     num_layers: int = 6
     num_hidden: int = 128
     dropout_rate: float = 0.1
@@ -65,7 +74,10 @@ class ModelConfig:
     num_inducing: int = 1024
     gp_cov_momentum: float = -1.0
     gp_cov_ridge_penalty: float = 1.0
-    gp_kernel_scale: float = 1.0
+    # The random features' squared RBF length scale (see networks.SNGPResNet), or "auto": chosen from the
+    # train data at fit time by the median heuristic (networks.auto_kernel_scale); the value used is the
+    # fitted model's `gp_kernel_scale_`.
+    gp_kernel_scale: float | str = 1.0
     mean_field_factor: float = math.pi / 8
     # MC Dropout / Deep Ensemble
     num_mc_samples: int = 10
@@ -85,7 +97,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", int):
+            if f.name == "gp_kernel_scale":
+                self._check_kernel_scale(value)
+            elif f.type in ("bool", bool):
+                if not isinstance(value, (bool, np.bool_)):
+                    raise ValueError(f"{f.name}: expected true or false, got {value!r}")
+                object.__setattr__(self, f.name, bool(value))
+            elif f.type in ("int", int):
                 if isinstance(value, bool) or not isinstance(value, int):
                     if isinstance(value, float) and value.is_integer():
                         object.__setattr__(self, f.name, int(value))
@@ -111,7 +129,6 @@ class ModelConfig:
                 "must be -1 (exact sum over an epoch) or in (0, 1)",
             ),
             ("gp_cov_ridge_penalty", self.gp_cov_ridge_penalty > 0, "must be > 0"),
-            ("gp_kernel_scale", self.gp_kernel_scale > 0, "must be > 0"),
             ("mean_field_factor", self.mean_field_factor >= 0, "must be >= 0 (0 disables the adjustment)"),
             ("num_mc_samples", self.num_mc_samples >= 1, "must be an integer >= 1"),
             ("ensemble_size", self.ensemble_size >= 1, "must be an integer >= 1"),
@@ -125,6 +142,18 @@ class ModelConfig:
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}: {allowed}, got {getattr(self, name)!r}")
+
+    def _check_kernel_scale(self, value: Any) -> None:
+        if isinstance(value, str) and value == AUTO:
+            return
+        allowed = f"must be a number > 0 or {AUTO!r}"
+        if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)
+        ):
+            raise ValueError(f"gp_kernel_scale: {allowed}, got {value!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"gp_kernel_scale: {allowed}, got {value!r}")
+        object.__setattr__(self, "gp_kernel_scale", float(value))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ModelConfig:

@@ -1,9 +1,10 @@
 """A real dataset beyond the study: scikit-learn's bundled 8x8 digits with held-out classes as OOD.
 
 The known classes are split (stratified, seeded) into train and test; every example of the other classes is
-the out-of-distribution set. Features (64 pixel intensities, 0..16) are standardised with the TRAIN set's
-mean and standard deviation only (a pixel that is constant in the train set is only centred). No download:
-`sklearn.datasets.load_digits` ships with scikit-learn.
+the out-of-distribution set. Features are the RAW 64 pixel intensities (0..16, float32): the scaling lives
+in the model (`ModelConfig.standardize=True` fits the train set's mean and std in `fit`, a pixel constant in
+the train set is only centred, and saves them with the model). No download: `sklearn.datasets.load_digits`
+ships with scikit-learn.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ class DigitsData:
     Labels are remapped: label i means digit `known_classes[i]`.
     """
 
-    x_train: np.ndarray  # (N_train, 64) float32, standardised
+    x_train: np.ndarray  # (N_train, 64) float32, raw pixel intensities 0..16
     y_train: np.ndarray  # (N_train,) int64 in [0, num_classes)
     x_test: np.ndarray
     y_test: np.ndarray
     x_grid: None
-    x_ood: np.ndarray  # (N_ood, 64) float32, every example of the held-out classes, standardised
+    x_ood: np.ndarray  # (N_ood, 64) float32, every example of the held-out classes, raw
     grid_shape: None
     x_range: None
     y_range: None
@@ -40,8 +41,6 @@ class DigitsData:
     known_classes: tuple[int, ...]
     ood_classes: tuple[int, ...]
     y_ood_digit: np.ndarray  # (N_ood,) int64: the original digit of each OOD example
-    feature_mean: np.ndarray  # (64,) float32, train-set mean
-    feature_std: np.ndarray  # (64,) float32, train-set std with zeros replaced by 1
 
 
 def check_known_classes(known_classes: Sequence[int]) -> tuple[int, ...]:
@@ -89,20 +88,13 @@ def make_digits_dataset(
     x_train, x_test, y_train, y_test = train_test_split(
         x_known, y_known, test_size=float(test_fraction), stratify=y_known, random_state=seed
     )
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std[std == 0] = 1.0
-
-    def standardise(x: np.ndarray) -> np.ndarray:
-        return ((x - mean) / std).astype(np.float32)
-
     return DigitsData(
-        x_train=standardise(x_train),
+        x_train=x_train.astype(np.float32),
         y_train=y_train.astype(np.int64),
-        x_test=standardise(x_test),
+        x_test=x_test.astype(np.float32),
         y_test=y_test.astype(np.int64),
         x_grid=None,
-        x_ood=standardise(x_all[~is_known]),
+        x_ood=x_all[~is_known].astype(np.float32),
         grid_shape=None,
         x_range=None,
         y_range=None,
@@ -110,6 +102,4 @@ def make_digits_dataset(
         known_classes=known,
         ood_classes=tuple(d for d in range(NUM_DIGITS) if d not in known),
         y_ood_digit=y_all[~is_known].copy(),
-        feature_mean=mean.astype(np.float32),
-        feature_std=std.astype(np.float32),
     )

@@ -12,6 +12,9 @@ the same optimum.
     pred = model.predict_with_uncertainty(x)     # pred.probs (N, C), pred.uncertainty (N,)
     model.save(path); same = load_model(path)    # exact round trip
 
+With `standardize=True` the inputs are standardised with the train statistics first
+(interface.Classifier), and the median heuristic runs on the standardised points.
+
 Cost is O(N^3) in the training points, so at most `gp_max_train` of them (ModelConfig, default 1000 =
 the whole two-moons training set: 5-15 s on 2 busy shared cores) are used; a larger training set is
 subsampled at random (seeded by `seed`). Prediction runs in batches of `predict_batch_size` rows.
@@ -40,7 +43,6 @@ from threadpoolctl import threadpool_limits
 
 from .config import ModelConfig
 from .interface import Classifier, Prediction, uncertainty_from_probs, write_model_dir
-from .validation import NotFittedError, check_features, check_labels
 
 GP_FILE = "gp.joblib"
 _SUBSAMPLE_STREAM = 0x6B
@@ -55,7 +57,6 @@ class ExactGPModel(Classifier):
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         self.config = config or ModelConfig()
-        self.input_dim: int | None = None
         self.gp_: GaussianProcessClassifier | None = None
         self.history_: dict[str, list[float]] = {}
         self.n_train_used_: int | None = None
@@ -64,14 +65,15 @@ class ExactGPModel(Classifier):
         return f"{type(self).__name__}(method={self.method!r}, seed={self.config.seed})"
 
     # --- public interface -----------------------------------------------------------------------
-    def fit(self, x, y, on_epoch_end=None) -> ExactGPModel:
+    def fit(self, x, y, on_epoch_end=None, feature_names=None, class_names=None) -> ExactGPModel:
         """Fit on x (N, D) float and y (N,) int labels (at most `gp_max_train` rows are used).
 
         There are no epochs: `on_epoch_end(0, {"loss", "accuracy"})` is called once with the mean
         cross-entropy and the accuracy on the whole training set, which is also `history_`.
+        `feature_names` / `class_names` as for the other methods (models.UncertaintyModel.fit).
         """
-        x = check_features(x, "x")
-        y = check_labels(y, x.shape[0], self.config.num_classes)
+        raw = x
+        x, y = self.prepare_fit(x, y, feature_names, class_names)
         x_fit, y_fit = self._subsample(x, y)
         if np.unique(y_fit).size < 2:
             raise ValueError(
@@ -86,8 +88,8 @@ class ExactGPModel(Classifier):
         )
         with threadpool_limits(limits=1, user_api="blas"):
             gp.fit(x_fit.astype(np.float64), y_fit)
-        self.gp_, self.input_dim, self.n_train_used_ = gp, int(x.shape[1]), int(x_fit.shape[0])
-        probs = self.predict_proba(x)
+        self.gp_, self.n_train_used_ = gp, int(x_fit.shape[0])
+        probs = self.predict_proba(raw)
         p_true = np.clip(probs[np.arange(y.size), y].astype(np.float64), 1e-12, 1.0)
         logs = {"loss": float(-np.mean(np.log(p_true))), "accuracy": float(np.mean(probs.argmax(1) == y))}
         self.history_ = {name: [value] for name, value in logs.items()}
@@ -95,43 +97,46 @@ class ExactGPModel(Classifier):
             on_epoch_end(0, logs)
         return self
 
+    def is_fitted(self) -> bool:
+        return self.gp_ is not None
+
     def predict_with_uncertainty(self, x) -> Prediction:
-        self._check_fitted()
-        x = check_features(x, "x", self.input_dim)
+        x = self.prepare_predict(x)
         size = self.config.predict_batch_size
         probs = np.empty((x.shape[0], self.config.num_classes), dtype=np.float32)
         unc = np.empty((x.shape[0],), dtype=np.float32)
         with threadpool_limits(limits=1, user_api="blas"):
             for start in range(0, x.shape[0], size):
-                p = self._batch_probs(x[start : start + size])
+                p = self._batch_probs(self.scale(x[start : start + size]))
                 probs[start : start + size] = p
                 unc[start : start + size] = uncertainty_from_probs(p)
         return Prediction(probs=probs, uncertainty=unc)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write config + fitted classifier atomically (same directory format as the other methods)."""
-        self._check_fitted()
+        self.check_fitted()
         meta = {
             "method": self.method,
             "config": self.config.to_dict(),
-            "input_dim": self.input_dim,
+            **self.interface_meta(),
             "history": self.history_,
             "n_train_used": self.n_train_used_,
             "classes": [int(c) for c in self.gp_.classes_],
         }
         return write_model_dir(path, meta, lambda tmp: joblib.dump(self.gp_, tmp / GP_FILE))
 
-    # --- internals ------------------------------------------------------------------------------
-    def _restore(self, path: Path, meta: dict[str, Any]) -> ExactGPModel:
+    def restore(self, path: Path, meta: dict[str, Any]) -> ExactGPModel:
         """Fill this (unfitted) model from a directory `interface.read_model_dir` has checked."""
         gp = joblib.load(Path(path) / GP_FILE)
         if not isinstance(gp, GaussianProcessClassifier) or [int(c) for c in gp.classes_] != meta["classes"]:
             raise ValueError(f"{path}: {GP_FILE} does not hold the classifier model.json describes")
-        self.gp_, self.input_dim = gp, int(meta["input_dim"])
+        self.restore_interface(meta)
+        self.gp_ = gp
         self.history_ = meta.get("history", {})
         self.n_train_used_ = meta.get("n_train_used")
         return self
 
+    # --- internals ------------------------------------------------------------------------------
     def _subsample(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         limit = self.config.gp_max_train
         if x.shape[0] <= limit:
@@ -154,9 +159,3 @@ class ExactGPModel(Classifier):
         full = np.zeros((x.shape[0], self.config.num_classes), dtype=np.float64)
         full[:, self.gp_.classes_] = p
         return full
-
-    def _check_fitted(self) -> None:
-        if self.gp_ is None:
-            raise NotFittedError(
-                f"{self.method} model is not fitted yet: call fit(x, y) or load_model(path) first"
-            )

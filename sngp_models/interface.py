@@ -1,9 +1,10 @@
 """The TensorFlow-free part of the model interface, shared by every method.
 
-`Prediction`, the uncertainty score, and the on-disk format `load_model` reads: a directory that appears
-atomically at its final path, holding `model.json` (method, config, metadata), the method's payload
-files and, written last, `manifest.json` with the SHA-256 of every other file. Kept apart from models.py
-so that methods without TensorFlow (exact_gp) can use it without importing TensorFlow.
+`Prediction`, the uncertainty score, what every model carries besides its weights (the input scaling
+`Standardizer`, feature and class names; `Classifier`), and the on-disk format `load_model` reads: a
+directory that appears atomically at its final path, holding `model.json` (method, config, metadata), the
+method's payload files and, written last, `manifest.json` with the SHA-256 of every other file. Kept apart
+from models.py so that methods without TensorFlow (exact_gp) can use it without importing TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .validation import NotFittedError, check_features, check_labels
 
 FORMAT_VERSION = 1
 
@@ -30,12 +33,122 @@ class Prediction:
     uncertainty: np.ndarray  # (N,), (1 - sum_c p_c^2) / 2
 
 
+@dataclass(frozen=True)
+class Standardizer:
+    """Per-feature (x - mean) / std with the train x's statistics (float64); a constant feature has
+    std 1, so it is only centred. Applied in float64, returned as float32."""
+
+    mean: np.ndarray  # (D,) float64
+    std: np.ndarray  # (D,) float64, > 0
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Standardizer:
+        x = np.asarray(x, dtype=np.float64)
+        std = x.std(axis=0)
+        std[std == 0] = 1.0
+        return cls(mean=x.mean(axis=0), std=std)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        # JSON writes a float64 as the shortest string that reads back as the same float: exact round trip.
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[float]]) -> Standardizer:
+        return cls(mean=np.asarray(d["mean"], dtype=np.float64), std=np.asarray(d["std"], dtype=np.float64))
+
+
+def check_names(names: Sequence | None, count: int, name: str, default_prefix: str) -> tuple[str, ...]:
+    """`count` distinct strings (default: f"{default_prefix}{i}"); ValueError naming `name` otherwise."""
+    if names is None:
+        return tuple(f"{default_prefix}{i}" for i in range(count))
+    if isinstance(names, (str, bytes)):
+        raise ValueError(f"{name}: must be a list of {count} distinct strings, got the string {names!r}")
+    try:
+        values = tuple(names)
+    except TypeError:
+        raise ValueError(f"{name}: must be a list of {count} distinct strings, got {names!r}") from None
+    if len(values) != count:
+        raise ValueError(f"{name}: must have {count} entries (one per {name[:-6]}), got {len(values)}")
+    if not all(isinstance(v, (str, np.str_)) and v for v in values):
+        raise ValueError(f"{name}: must hold non-empty strings, got {list(values)!r}")
+    if len(set(values)) != count:
+        raise ValueError(f"{name}: must be distinct, got {list(values)!r}")
+    return tuple(str(v) for v in values)
+
+
 class Classifier:
     """What every method shares on top of its own `predict_with_uncertainty(x) -> Prediction`: the
-    scikit-learn style `predict_proba` and `predict`."""
+    scikit-learn style `predict_proba` and `predict`, and what travels with the weights:
+
+    - `feature_names` ("x0".."x{D-1}" unless fit was given them) and `class_names` ("0".."C-1" unless
+      given): the names of the input columns and of the classes (label i is `class_names[i]`);
+    - `standardizer`: with `config.standardize`, the input scaling fitted on the train x (else None).
+    """
+
+    method: str = ""
+    input_dim: int | None = None
+    feature_names: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    standardizer: Standardizer | None = None
 
     def predict_with_uncertainty(self, x) -> Prediction:
         raise NotImplementedError
+
+    def is_fitted(self) -> bool:
+        raise NotImplementedError
+
+    def prepare_fit(
+        self, x, y, feature_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Check x and y, set input_dim, the names and the scaling; return (scaled x float32, y int64)."""
+        x = check_features(x, "x")
+        y = check_labels(y, x.shape[0], self.config.num_classes)
+        features = check_names(feature_names, int(x.shape[1]), "feature_names", "x")
+        classes = check_names(class_names, self.config.num_classes, "class_names", "")
+        self.input_dim, self.feature_names, self.class_names = int(x.shape[1]), features, classes
+        self.standardizer = Standardizer.fit(x) if self.config.standardize else None
+        return self.scale(x), y
+
+    def check_fitted(self) -> None:
+        """NotFittedError unless the model was fitted or loaded."""
+        if not self.is_fitted():
+            raise NotFittedError(
+                f"{self.method} model is not fitted yet: call fit(x, y) or load_model(path) first"
+            )
+
+    def prepare_predict(self, x) -> np.ndarray:
+        """Check that the model is fitted and x fits it; x as float32 (not yet scaled: see `scale`)."""
+        self.check_fitted()
+        return check_features(x, "x", self.input_dim)
+
+    def scale(self, x: np.ndarray) -> np.ndarray:
+        """x as the network sees it: standardised with the train statistics if `config.standardize`."""
+        return x if self.standardizer is None else self.standardizer.transform(x)
+
+    def interface_meta(self) -> dict[str, Any]:
+        """What `save` writes besides the method's payload (restored by `restore_interface`)."""
+        return {
+            "input_dim": self.input_dim,
+            "feature_names": list(self.feature_names),
+            "class_names": list(self.class_names),
+            "standardizer": None if self.standardizer is None else self.standardizer.to_dict(),
+        }
+
+    def restore_interface(self, meta: dict[str, Any]) -> None:
+        """Inverse of `interface_meta` (models saved before names and scaling existed get the defaults)."""
+        self.input_dim = int(meta["input_dim"])
+        self.feature_names = check_names(meta.get("feature_names"), self.input_dim, "feature_names", "x")
+        self.class_names = check_names(meta.get("class_names"), self.config.num_classes, "class_names", "")
+        scaling = meta.get("standardizer")
+        self.standardizer = None if scaling is None else Standardizer.from_dict(scaling)
+
+    def copy_interface(self, other: Classifier) -> None:
+        """Take input_dim, names and scaling from a fitted `other` (e.g. MC Dropout from deterministic)."""
+        self.input_dim, self.feature_names = other.input_dim, other.feature_names
+        self.class_names, self.standardizer = other.class_names, other.standardizer
 
     def predict_proba(self, x) -> np.ndarray:
         return self.predict_with_uncertainty(x).probs

@@ -24,8 +24,9 @@ import numpy as np
 # while the deterministic one trained). At import it happens under this module's import lock, before any
 # model of this process exists. TF_USE_LEGACY_KERAS is already set: sngp_models/__init__.py runs first.
 from official.nlp.modeling import layers as nlp_layers
+from scipy.spatial.distance import pdist
 
-from .config import ModelConfig
+from .config import AUTO, ModelConfig
 from .tf_setup import tf, tf_keras
 
 # Building the SNGP network draws from TensorFlow's global seed (tf-models' layers take no seeds);
@@ -38,7 +39,33 @@ def member_seed(seed: int, member: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, member, stream]).generate_state(1)[0] % (2**31 - 1))
 
 
-INIT_STREAM, SHUFFLE_STREAM = 0, 1
+INIT_STREAM, SHUFFLE_STREAM, KERNEL_SCALE_STREAM = 0, 1, 2
+# gp_kernel_scale "auto" looks at this many train points (seeded subsample): 1000 points give ~500k
+# pairwise distances, a stable median, in milliseconds.
+KERNEL_SCALE_POINTS = 1000
+
+
+def kernel_scale_sample(x: np.ndarray, seed: int, max_points: int = KERNEL_SCALE_POINTS) -> np.ndarray:
+    """At most `max_points` rows of x, drawn without replacement (seeded by `seed`), in their order."""
+    if x.shape[0] <= max_points:
+        return x
+    rng = np.random.default_rng(member_seed(seed, 0, KERNEL_SCALE_STREAM))
+    return x[np.sort(rng.choice(x.shape[0], size=max_points, replace=False))]
+
+
+def auto_kernel_scale(h: np.ndarray) -> float:
+    """The median heuristic for RandomFeatureGaussianProcess's `gp_kernel_scale`: median(||h_i - h_j||)^2.
+
+    tf-models' layer computes the random features phi(h) = sqrt(2/M) cos(W h / sqrt(s) + b), W ~ N(0, 1),
+    b ~ U(0, 2 pi), s = gp_kernel_scale, so phi(h).phi(h') approximates the RBF kernel
+    exp(-||h - h'||^2 / (2 s)): s is the SQUARED length scale. The median heuristic sets the length scale
+    to the median pairwise distance d of the GP layer's inputs, so s = d^2: a typical pair of points has
+    kernel value exp(-1/2), neither all ~1 (one smooth function, no distance awareness) nor all ~0
+    (every random feature noise). 1.0 if the points coincide.
+    """
+    h = np.asarray(h, dtype=np.float64)
+    median = float(np.median(pdist(h))) if h.shape[0] >= 2 else 0.0
+    return median**2 if np.isfinite(median) and median > 0 else 1.0
 
 
 def _glorot(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
@@ -126,9 +153,21 @@ class SNGPResNet(tf_keras.Model):
     variance of x is var(x) = s * phi(x)^T P^{-1} phi(x); P^{-1} is computed once in `finalize`, so
     prediction costs O(N) memory and never forms the N x N covariance the library's layer returns.
     Mean-field logits: logits / sqrt(1 + lambda * var), lambda = pi/8.
+
+    The random features' kernel scale `kernel_scale` is `kernel_scale` if given (a loaded model's chosen
+    value), else `config.gp_kernel_scale` if a number, else ("auto") `auto_kernel_scale` of the input
+    projection W_in x of `auto_sample` (a seeded subsample of the scaled train x). The input projection
+    is frozen, so the GP layer's input starts as exactly this h and the residual layers (spectrally
+    normalised, ||W_k|| <= 0.9) only add bounded, learned corrections to it.
     """
 
-    def __init__(self, input_dim: int, config: ModelConfig) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        config: ModelConfig,
+        kernel_scale: float | None = None,
+        auto_sample: np.ndarray | None = None,
+    ) -> None:
         super().__init__(name="sngp_resnet")
         self.config = config
         self.num_members = 1
@@ -144,19 +183,32 @@ class SNGPResNet(tf_keras.Model):
                 )
                 for _ in range(config.num_layers)
             ]
+            self.hidden_features(tf.zeros((1, input_dim)), training=False)
+            self.kernel_scale = self._kernel_scale(config, kernel_scale, auto_sample)
             self.classifier = nlp_layers.RandomFeatureGaussianProcess(
                 config.num_classes,
                 num_inducing=config.num_inducing,
                 gp_cov_momentum=config.gp_cov_momentum,
                 gp_cov_ridge_penalty=config.gp_cov_ridge_penalty,
-                gp_kernel_scale=config.gp_kernel_scale,
+                gp_kernel_scale=self.kernel_scale,
             )
-            self.hidden_features(tf.zeros((1, input_dim)), training=False)
             self.classifier(tf.zeros((1, hidden)), training=False)
         # P^{-1}, set by finalize(); not saved (recomputed from the saved precision matrix on load).
         self.feature_covariance = tf.Variable(
             tf.eye(config.num_inducing), trainable=False, name="feature_covariance"
         )
+
+    def _kernel_scale(
+        self, config: ModelConfig, kernel_scale: float | None, auto_sample: np.ndarray | None
+    ) -> float:
+        if kernel_scale is not None:
+            return float(kernel_scale)
+        if config.gp_kernel_scale != AUTO:
+            return float(config.gp_kernel_scale)
+        if auto_sample is None:
+            raise ValueError("gp_kernel_scale: 'auto' needs the train x to choose from (auto_sample)")
+        h = self.input_layer(tf.constant(auto_sample, dtype=tf.float32)).numpy()
+        return auto_kernel_scale(h)
 
     @property
     def all_weights(self) -> list[tf.Variable]:

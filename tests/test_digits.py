@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import sklearn.datasets
 
+from sngp_models import make_model
 from sngp_models.digits import DigitsData, make_digits_dataset
 
 
@@ -20,10 +21,6 @@ def raw() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def data() -> DigitsData:
     return make_digits_dataset(seed=0)
-
-
-def _unstandardise(data: DigitsData, x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float64) * data.feature_std + data.feature_mean
 
 
 def test_shapes_dtypes_and_labels(data: DigitsData, raw) -> None:
@@ -56,25 +53,26 @@ def test_split_is_stratified_and_seeded(data: DigitsData) -> None:
     assert not np.array_equal(other.y_train, data.y_train)
 
 
-def test_standardised_with_train_statistics_only(data: DigitsData, raw) -> None:
-    x_raw, y_raw = raw
-    # Train features: mean 0 and std 1, except pixels constant in the train set (std replaced by 1 -> 0).
-    np.testing.assert_allclose(data.x_train.mean(axis=0), 0.0, atol=1e-5)
-    std = data.x_train.std(axis=0)
-    constant = data.feature_std == 1.0
-    np.testing.assert_allclose(std[~constant], 1.0, atol=1e-4)
-    assert np.all(std[constant] < 1e-6)
-    # The statistics are the train set's, not the test set's or all data's.
-    train_raw = _unstandardise(data, data.x_train)
-    np.testing.assert_allclose(data.feature_mean, train_raw.mean(axis=0), atol=1e-4)
-    known_raw = x_raw[np.isin(y_raw, data.known_classes)]
-    assert not np.allclose(data.feature_mean, known_raw.mean(axis=0), atol=1e-4)
-    assert abs(float(data.x_test.mean())) > 1e-4  # test set standardised with train stats, not its own
-    # Test and OOD use the same transform: un-standardising recovers raw pixel values (integers 0..16).
-    for x in (data.x_test, data.x_ood):
-        back = _unstandardise(data, x)
-        np.testing.assert_allclose(back, np.round(back), atol=1e-3)
-        assert back.min() > -1e-3 and back.max() < 16 + 1e-3
+def test_raw_pixels_scaling_lives_in_the_model(data: DigitsData) -> None:
+    # The data set holds raw pixel intensities (integers 0..16); the model standardises them.
+    for x in (data.x_train, data.x_test, data.x_ood):
+        np.testing.assert_array_equal(x, np.round(x))
+        assert x.min() >= 0 and x.max() <= 16
+    model = make_model("deterministic", num_classes=5, standardize=True, epochs=1, num_layers=1, num_hidden=8)
+    model.fit(data.x_train, data.y_train)
+    scaler = model.standardizer
+    # The statistics are the train set's only (a pixel constant in the train set keeps std 1: centred).
+    train = data.x_train.astype(np.float64)
+    np.testing.assert_array_equal(scaler.mean, train.mean(axis=0))
+    std = train.std(axis=0)
+    constant = std == 0
+    assert constant.any()
+    np.testing.assert_array_equal(scaler.std[~constant], std[~constant])
+    np.testing.assert_array_equal(scaler.std[constant], 1.0)
+    scaled = scaler.transform(data.x_train)
+    np.testing.assert_allclose(scaled.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(scaled.std(axis=0)[~constant], 1.0, atol=1e-4)
+    assert abs(float(scaler.transform(data.x_test).mean())) > 1e-4  # test set: train stats, not its own
 
 
 def test_ood_is_exactly_the_held_out_classes(data: DigitsData, raw) -> None:
@@ -82,9 +80,9 @@ def test_ood_is_exactly_the_held_out_classes(data: DigitsData, raw) -> None:
     held_out = ~np.isin(y_raw, data.known_classes)
     assert data.x_ood.shape[0] == int(held_out.sum())
     np.testing.assert_array_equal(data.y_ood_digit, y_raw[held_out])
-    np.testing.assert_allclose(_unstandardise(data, data.x_ood), x_raw[held_out], atol=1e-3)
+    np.testing.assert_array_equal(data.x_ood, x_raw[held_out])
     # Train + test rows are exactly the known-class rows (as multisets of raw images).
-    rows = np.round(_unstandardise(data, np.concatenate([data.x_train, data.x_test]))).astype(np.int64)
+    rows = np.concatenate([data.x_train, data.x_test]).astype(np.int64)
     known_rows = x_raw[~held_out].astype(np.int64)
     assert sorted(map(tuple, rows)) == sorted(map(tuple, known_rows))
 
@@ -97,7 +95,7 @@ def test_labels_remapped_in_given_order(raw) -> None:
     assert set(np.unique(data.y_ood_digit)) == set(data.ood_classes)
     # Label 0 = digit 7, label 1 = digit 3: every train image must be one of that digit's raw images.
     sevens = {tuple(r) for r in x_raw[y_raw == 7].astype(np.int64)}
-    back = np.round(_unstandardise(data, data.x_train[data.y_train == 0])).astype(np.int64)
+    back = data.x_train[data.y_train == 0].astype(np.int64)
     assert all(tuple(r) in sevens for r in back)
 
 

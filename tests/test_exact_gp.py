@@ -44,7 +44,12 @@ def test_exact_gp_is_a_known_method_with_its_own_settings() -> None:
     with pytest.raises(ValueError, match="method: unknown method 'gp'.*exact_gp"):
         C.check_method("gp")
     cfg = C.ModelConfig(seed=3, gp_max_train=500)
-    assert cfg.relevant("exact_gp") == {"num_classes": 2, "seed": 3, "gp_max_train": 500}
+    assert cfg.relevant("exact_gp") == {
+        "num_classes": 2,
+        "standardize": False,
+        "seed": 3,
+        "gp_max_train": 500,
+    }
     with pytest.raises(ValueError, match="gp_max_train"):
         C.ModelConfig(gp_max_train=1)
 
