@@ -4,6 +4,7 @@
     model.fit(x_train, y_train)
     pred = model.predict_with_uncertainty(x)      # pred.probs (N, C), pred.uncertainty (N,)
     model.save(path); same = sngp_models.load_model(path)
+    data = sngp_models.load_table("data/*.parquet", label="outcome")   # your own CSV/Parquet table
 
 Importing this package is cheap: TensorFlow is imported only when a model is made or loaded, and
 `TF_USE_LEGACY_KERAS=1` is set here first, because tf-models-official's layers need Keras 2 semantics.
@@ -17,9 +18,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from .config import METHODS, ModelConfig  # noqa: E402
 
-__all__ = ["METHODS", "ModelConfig", "make_model", "load_model", "Prediction"]
+__all__ = [
+    "METHODS",
+    "ModelConfig",
+    "make_model",
+    "load_model",
+    "Prediction",
+    "load_table",
+    "TableData",
+    "TableError",
+]
 
-_LAZY = {"make_model": "models", "load_model": "models", "Prediction": "interface"}
+_LAZY = {
+    "make_model": "models",
+    "load_model": "models",
+    "Prediction": "interface",
+    # pandas (and pyarrow for Parquet) only when a table is read.
+    "load_table": "table",
+    "TableData": "table",
+    "TableError": "table",
+}
 
 
 def __getattr__(name: str):

@@ -181,6 +181,7 @@ def load_table(
     feature_names = _feature_names(frame, features, label, id_column, where)
 
     x = _numeric(frame, feature_names, origin)
+    x += 0.0  # -0.0 -> 0.0: equal values get equal bytes, hence equal row keys
     y_raw = frame[label]
     ids = frame[id_column] if id_column is not None else None
     bad = ~np.isfinite(x).all(axis=1) | y_raw.isna().to_numpy()
@@ -203,23 +204,26 @@ def load_table(
                 f"{where}: no row is left after dropping rows with missing values (missing: drop)"
             )
 
-    labels = _as_strings(y_raw)
-    held_out = _held_out(labels, ood_classes, label, where)
-    is_ood = np.isin(labels, list(held_out))
-    known = np.unique(labels[~is_ood]) if (~is_ood).any() else np.array([], dtype=str)
+    del frame  # the feature columns now live in x; the label (and id) columns stay referenced
+    # One code per distinct label (pandas' hash table, no Python string per row), one name per code.
+    codes, uniques = pd.factorize(y_raw.to_numpy())
+    code_names = _as_strings(pd.Series(uniques))
+    held_out = _held_out(code_names, ood_classes, label, where)
+    is_ood = np.isin(code_names, list(held_out))[codes]
+    known = np.unique(code_names[~np.isin(code_names, list(held_out))])
     if known.size < 2:
         reason = "all classes are held out by ood_classes" if known.size == 0 else f"only {known.tolist()}"
         raise TableError(
             f"label: column {label!r} in {where} needs at least 2 classes for training, {reason}; "
             "allowed: 2 or more distinct labels outside ood_classes"
         )
-    class_names = _sorted_classes(y_raw[~is_ood], known)
+    class_names = _sorted_classes(y_raw.dtype, known)
+    index = {name: i for i, name in enumerate(class_names)}
+    y = np.array([index.get(name, -1) for name in code_names], dtype=np.int64)[codes]
 
-    if ids is not None:
-        keys = _as_strings(ids)
-    else:
-        keys = _row_keys(x)
+    keys = _as_strings(ids) if ids is not None else _row_keys(x)
     x32 = x.astype(np.float32)
+    del x
     if not np.isfinite(x32).all():
         first = int(np.flatnonzero(~np.isfinite(x32).all(axis=1))[0])
         raise TableError(
@@ -227,8 +231,6 @@ def load_table(
             "allowed: finite float32 values"
         )
     on_test = test_side(keys, test_fraction)
-    index = {name: i for i, name in enumerate(class_names)}
-    y = np.array([index.get(v, -1) for v in labels], dtype=np.int64)
     train, test = ~is_ood & ~on_test, ~is_ood & on_test
     counts = np.bincount(y[train], minlength=len(class_names))
     if counts.min() < 2:
@@ -357,16 +359,20 @@ def _read_parquet(file: Path, what: str) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(file)
+        # The schema first: read_table fails on duplicate names with a message that does not say so.
+        _check_duplicates(pq.read_schema(file).names, file, what)
+        table = pq.read_table(file, memory_map=True)
     except (OSError, pyarrow.ArrowException, ValueError) as exc:
+        if isinstance(exc, TableError):
+            raise
         raise TableError(
             f"{what}: {file} is not a readable Parquet file ({_first_line(exc)}); "
             "allowed: a valid Parquet file"
         ) from None
-    _check_duplicates(table.column_names, file, what)
     if table.num_columns == 0:
         raise TableError(f"{what}: {file} has no columns; allowed: a table with a label and feature columns")
-    return table.to_pandas()
+    # self_destruct frees each Arrow column once converted: the peak is ~one copy of the table, not two.
+    return table.to_pandas(self_destruct=True, split_blocks=True)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -391,11 +397,14 @@ def _feature_names(
 ) -> list[str]:
     columns = list(frame.columns)
     if features is None:
-        names = [
-            c
-            for c in columns
-            if c not in (label, id_column) and pd.api.types.is_numeric_dtype(frame[c].dtype)
-        ]
+        names = []
+        for c in columns:
+            if c in (label, id_column):
+                continue
+            if pd.api.types.is_numeric_dtype(frame[c].dtype):
+                names.append(c)
+            else:
+                _reject_mostly_numeric(frame[c], where)
         if not names:
             raise TableError(
                 f"features: {where} has no numeric column besides the label {label!r}"
@@ -418,6 +427,23 @@ def _feature_names(
     return [str(n) for n in names]
 
 
+def _reject_mostly_numeric(column: pd.Series, where: str) -> None:
+    """A text column whose values are mostly numbers is a numeric column with a typo ('n/a', '1,5'):
+    leaving it out of the default features silently would hide the typo, so name it."""
+    values = column.dropna()
+    if values.empty:
+        return
+    parsed = pd.to_numeric(values, errors="coerce")
+    ok = parsed.notna().to_numpy()
+    if ok.mean() >= 0.5 and not ok.all():
+        bad = values[~ok]
+        raise TableError(
+            f"features: column {column.name!r} in {where} is not numeric: {int(ok.mean() * 100)}% of its "
+            f"values are numbers, but {len(bad)} are not (first: {bad.iloc[0]!r}); allowed: numbers only, "
+            "or list the features to use without it"
+        )
+
+
 def _numeric(frame: pd.DataFrame, names: list[str], origin: _Origin) -> np.ndarray:
     """The feature columns as float64 (N, D); TableError naming a non-numeric column and a bad value."""
     for name in names:
@@ -431,7 +457,10 @@ def _numeric(frame: pd.DataFrame, names: list[str], origin: _Origin) -> np.ndarr
             f"features: column {name!r} is not numeric (dtype {column.dtype}; {_row(origin, first)} has "
             f"{column.iloc[first]!r}); allowed: numbers only, or leave it out of features"
         )
-    return frame[names].to_numpy(dtype=np.float64)
+    x = np.empty((len(frame), len(names)), dtype=np.float64)
+    for j, name in enumerate(names):  # column by column: no temporary copy of the whole selection
+        x[:, j] = frame[name].to_numpy(dtype=np.float64, na_value=np.nan)
+    return x
 
 
 def _bad_cell(
@@ -455,15 +484,15 @@ def _as_strings(y: pd.Series) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=str)
 
 
-def _sorted_classes(y: pd.Series, known: np.ndarray) -> tuple[str, ...]:
+def _sorted_classes(dtype, known: np.ndarray) -> tuple[str, ...]:
     """The training classes' names: numeric labels in numeric order, others in text order."""
-    if pd.api.types.is_numeric_dtype(y.dtype):
+    if pd.api.types.is_numeric_dtype(dtype):
         return tuple(sorted(known.tolist(), key=float))
     return tuple(sorted(known.tolist()))
 
 
-def _held_out(labels: np.ndarray, ood_classes: Sequence, label: str, where: str) -> set[str]:
-    present = set(np.unique(labels).tolist())
+def _held_out(names: np.ndarray, ood_classes: Sequence, label: str, where: str) -> set[str]:
+    present = set(names.tolist())
     held = set()
     for value in ood_classes:
         name = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
@@ -476,13 +505,21 @@ def _held_out(labels: np.ndarray, ood_classes: Sequence, label: str, where: str)
     return held
 
 
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
 def _row_keys(x: np.ndarray) -> np.ndarray:
-    """Each row's key without an id column: the first 32 hex digits of sha256(float64 bytes of the row)."""
+    """Each row's key without an id column: the first 32 hex digits of sha256(float64 bytes of the row).
+
+    Built without a Python string per row (a million rows: 128 MB of keys, not several times that)."""
     rows = np.ascontiguousarray(x, dtype=np.float64)
-    rows = rows + 0.0  # -0.0 -> 0.0: equal values, equal bytes
-    width = rows.shape[1] * 8
-    raw = rows.view(np.uint8).reshape(rows.shape[0], width)
-    return np.array([hashlib.sha256(r.tobytes()).hexdigest()[:32] for r in raw], dtype="<U32")
+    raw = rows.view(np.uint8).reshape(rows.shape[0], rows.shape[1] * 8)
+    digests = np.frombuffer(b"".join(hashlib.sha256(r).digest()[:16] for r in raw), dtype=np.uint8)
+    digests = digests.reshape(rows.shape[0], 16)
+    hex_digits = np.empty((rows.shape[0], 32), dtype=np.uint8)
+    hex_digits[:, 0::2] = _HEX[digests >> 4]
+    hex_digits[:, 1::2] = _HEX[digests & 0x0F]
+    return hex_digits.view("S32").ravel().astype("<U32")
 
 
 def _read_ood(ood_path: str, feature_names: list[str], missing: str) -> np.ndarray:
