@@ -93,6 +93,8 @@ class Classifier:
     feature_names: tuple[str, ...] | None = None
     class_names: tuple[str, ...] | None = None
     standardizer: Standardizer | None = None
+    # SNGP's random-feature kernel scale in use (models.SNGPModel); None for the methods without one.
+    gp_kernel_scale_: float | None = None
 
     def predict_with_uncertainty(self, x) -> Prediction:
         raise NotImplementedError

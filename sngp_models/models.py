@@ -215,10 +215,6 @@ class SNGPModel(UncertaintyModel):
 
     method = "sngp"
 
-    def __init__(self, config: ModelConfig | None = None) -> None:
-        super().__init__(config)
-        self.gp_kernel_scale_: float | None = None
-
     def _build_net(self, input_dim, x=None):
         if x is None:  # load_model: the scale chosen at fit time
             net = SNGPResNet(input_dim, self.config, kernel_scale=self.gp_kernel_scale_)
