@@ -37,13 +37,20 @@ clean:
 
 # Register the deployments of prefect.yaml against the server in PREFECT_API_URL (the pipeline's, the
 # nightly retrain and sweep-point/pool, which `sngp sweep --runner workpool` dispatches its points to).
+# RETRAIN_CONFIG=conf/table_example.yaml: the nightly retrain runs on that config (e.g. your own table;
+# its absolute path becomes the deployment's `config_path` parameter); empty: the study's settings.
 SNGP_WORK_POOL ?= sngp-pool
 SNGP_RETRAIN_CRON ?= 0 2 * * *
+RETRAIN_CONFIG ?=
+DEPLOY_ENV = SNGP_PROJECT_DIR="$(CURDIR)" SNGP_RETRAIN_CRON="$(SNGP_RETRAIN_CRON)" PREFECT_CLI_PROMPT=false
 deploy: $(STAMP)
 	@test -n "$$PREFECT_API_URL" || { echo "make deploy: set PREFECT_API_URL (sngp serve prints it)"; exit 2; }
+	@test -z "$(RETRAIN_CONFIG)" || test -f "$(RETRAIN_CONFIG)" || \
+		{ echo "make deploy: RETRAIN_CONFIG=$(RETRAIN_CONFIG) is not a file"; exit 2; }
 	$(BIN)/prefect work-pool create $(SNGP_WORK_POOL) --type process --overwrite >/dev/null
-	SNGP_PROJECT_DIR="$(CURDIR)" SNGP_RETRAIN_CRON="$(SNGP_RETRAIN_CRON)" PREFECT_CLI_PROMPT=false \
-		$(BIN)/prefect --no-prompt deploy --all
+	$(DEPLOY_ENV) $(BIN)/prefect --no-prompt deploy --all
+	@test -z "$(RETRAIN_CONFIG)" || $(DEPLOY_ENV) $(BIN)/prefect --no-prompt deploy --name nightly \
+		--param config_path="$(abspath $(RETRAIN_CONFIG))"
 
 # Prefect server + MLflow server + $(WORKERS) process worker(s) on $(DATA_DIR); Ctrl-C stops them, data is kept.
 DATA_DIR ?= .sngp_server

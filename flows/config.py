@@ -1,7 +1,7 @@
 """Typed pipeline configuration: YAML file + `--set key=value` overrides, validated before anything runs.
 
-The YAML sections mirror the flow's parameters (seed, methods, data, model, training, sngp, mc_dropout,
-deep_ensemble, mlflow), so a deployment's `--param training='{"epochs": 5}'` and the CLI's
+The YAML sections mirror the flow's parameters (seed, methods, data, digits, table, model, training, sngp,
+mc_dropout, deep_ensemble, mlflow), so a deployment's `--param training='{"epochs": 5}'` and the CLI's
 `--set training.epochs=5` mean the same thing. Unknown keys are errors, not silently ignored.
 """
 
@@ -26,7 +26,7 @@ from sngp_models.config import ALL_METHODS, METHODS, ModelConfig
 from sngp_models.digits import check_known_classes
 
 Method = Literal["deterministic", "sngp", "mc_dropout", "deep_ensemble", "exact_gp"]
-Dataset = Literal["two_moons", "digits"]
+Dataset = Literal["two_moons", "digits", "table"]
 
 
 class Section(BaseModel):
@@ -83,6 +83,47 @@ class DigitsConfig(Section):
         return list(check_known_classes(v))
 
 
+class TableConfig(Section):
+    """Your own labelled table (`dataset: table`): a CSV or Parquet file, or a glob of them (all matches
+    concatenated in name order). The keys are DESIGN.md's; sngp_models.table.load_table reads them."""
+
+    path: str | None = Field(None, min_length=1)  # required with dataset: table
+    label: str | None = Field(None, min_length=1)  # required with dataset: table
+    features: list[str] | None = Field(None, min_length=1)  # None: every numeric column but label and id
+    id_column: str | None = Field(None, min_length=1)  # stable split by this column, else by feature values
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    ood_path: str | None = Field(None, min_length=1)  # optional OOD inputs (the same feature columns)
+    ood_classes: list[int | str] = Field(default_factory=list)  # label values held out as the OOD set
+    missing: Literal["error", "drop"] = "error"
+
+    @field_validator("features", "ood_classes")
+    @classmethod
+    def _distinct(cls, v: list | None, info: ValidationInfo) -> list | None:
+        if v is not None and len({str(x) for x in v}) != len(v):
+            raise ValueError("each value may appear once")
+        return v
+
+    @field_validator("ood_classes", mode="before")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(x, bool) or not isinstance(x, (int, str)) for x in v):
+            raise ValueError("must be a list of label values (integers or strings)")
+        return v
+
+    @model_validator(mode="after")
+    def _columns(self) -> TableConfig:
+        if self.label is not None and self.label == self.id_column:
+            raise ValueError(f"id_column: must differ from the label column {self.label!r}")
+        named = [c for c in (self.label, self.id_column) if c is not None and c in (self.features or [])]
+        if named:
+            raise ValueError(f"features: {named[0]!r} is the label or id column, not a feature")
+        return self
+
+    def loader_arguments(self, grid_size: int) -> dict[str, Any]:
+        """sngp_models.table.load_table's keyword arguments."""
+        return {**self.model_dump(), "ood_classes": tuple(self.ood_classes), "grid_size": grid_size}
+
+
 class ExactGPConfig(Section):
     """The optional gold-standard reference: scikit-learn's exact GP classifier (RBF kernel)."""
 
@@ -108,8 +149,20 @@ class SNGPConfig(Section):
     num_inducing: int = Field(1024, ge=1, le=16384)
     gp_cov_momentum: float = -1.0
     gp_cov_ridge_penalty: float = Field(1.0, gt=0)
-    gp_kernel_scale: float = Field(1.0, gt=0)
+    # The random features' RBF length scale: a number, or "auto" (chosen from the data by the library,
+    # recorded as the sngp run's param gp_kernel_scale_chosen). None: the data set's default, which
+    # PipelineConfig fills in: 1.0 (the study's) for two moons, "auto" for every other data set.
+    gp_kernel_scale: float | Literal["auto"] | None = None
     mean_field_factor: float = Field(math.pi / 8, ge=0)
+
+    @field_validator("gp_kernel_scale", mode="before")
+    @classmethod
+    def _kernel_scale(cls, v: Any) -> Any:
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError("must be a number > 0 or 'auto'")
+        return float(v)
 
     @field_validator("gp_cov_momentum")
     @classmethod
@@ -154,6 +207,7 @@ class PipelineConfig(Section):
     methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
     data: DataConfig = DataConfig()
     digits: DigitsConfig = DigitsConfig()
+    table: TableConfig = TableConfig()
     model: ModelSection = ModelSection()
     training: TrainingConfig = TrainingConfig()
     sngp: SNGPConfig = SNGPConfig()
@@ -169,10 +223,31 @@ class PipelineConfig(Section):
             raise ValueError(f"methods: each method may appear once, got {self.methods}")
         return self
 
-    def model_config_for(self, method: str) -> ModelConfig:
-        """The library config for one method (the study's defaults where the pipeline has no field)."""
+    @model_validator(mode="after")
+    def _table_source(self) -> PipelineConfig:
+        if self.dataset == "table":
+            for key in ("path", "label"):
+                if getattr(self.table, key) is None:
+                    raise ValueError(
+                        f"table.{key}: required with dataset: table (see conf/table_example.yaml)"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _dataset_defaults(self) -> PipelineConfig:
+        # frozen sections: fill the data set's default in by replacing the section
+        if self.sngp.gp_kernel_scale is None:
+            scale = 1.0 if self.dataset == "two_moons" else "auto"
+            object.__setattr__(self, "sngp", self.sngp.model_copy(update={"gp_kernel_scale": scale}))
+        return self
+
+    def model_config_for(self, method: str, num_classes: int | None = None) -> ModelConfig:
+        """The library config for one method (the study's defaults where the pipeline has no field).
+        `num_classes`: the data's (tables know it only once read; see tasks.data.data_facts)."""
         return ModelConfig(
-            num_classes=self.num_classes,
+            num_classes=self.num_classes if num_classes is None else num_classes,
+            # The input scaling is fitted inside the model on real data; two moons stays the study's.
+            standardize=self.dataset != "two_moons",
             seed=self.seed,
             num_mc_samples=self.mc_dropout.num_samples,
             **self.model.model_dump(),
@@ -182,13 +257,18 @@ class PipelineConfig(Section):
             **self.exact_gp.model_dump(),
         )
 
-    def model_settings(self, method: str) -> dict[str, Any]:
+    def model_settings(self, method: str, num_classes: int | None = None) -> dict[str, Any]:
         """The library settings that matter for `method`: its training cache key and MLflow params."""
-        return self.model_config_for(method).relevant(method)
+        return self.model_config_for(method, num_classes).relevant(method)
 
-    def training_settings(self) -> dict[str, dict[str, Any]]:
+    def training_settings(self, num_classes: int | None = None) -> dict[str, dict[str, Any]]:
         """model_settings of every configured method, and of `deterministic`, which MC Dropout wraps."""
-        return {m: self.model_settings(m) for m in dict.fromkeys([*self.methods, "deterministic"])}
+        methods = dict.fromkeys([*self.methods, "deterministic"])
+        return {m: self.model_settings(m, num_classes) for m in methods}
+
+    def method_settings(self, num_classes: int | None = None) -> dict[str, dict[str, Any]]:
+        """model_settings of every configured method (what each method's MLflow run records)."""
+        return {m: self.model_settings(m, num_classes) for m in self.methods}
 
     def data_settings(self) -> dict[str, Any]:
         """Which data set, and its settings (tasks.data.data_file's arguments, but the seed)."""
@@ -196,6 +276,7 @@ class PipelineConfig(Section):
             "dataset": self.dataset,
             "data": self.data.model_dump(mode="json"),
             "digits": self.digits.model_dump(mode="json"),
+            "table": self.table.model_dump(mode="json"),
         }
 
     def record_settings(self) -> dict[str, Any]:
@@ -209,6 +290,11 @@ class PipelineConfig(Section):
 
     @property
     def num_classes(self) -> int:
+        """Two moons: 2; digits: the known classes. A table's classes are known only once it is read."""
+        if self.dataset == "table":
+            raise ConfigError(
+                "dataset: table: the number of classes comes from the data (tasks.data.data_facts)"
+            )
         return 2 if self.dataset == "two_moons" else len(self.digits.known_classes)
 
     def flat(self) -> dict[str, Any]:
@@ -251,7 +337,15 @@ def read_yaml_file(path: Path, what: str, error: type[ConfigError] = ConfigError
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read YAML (None: the study's defaults), apply `key.sub=value` overrides, validate."""
+    """Read YAML (None: the study's defaults), apply `key.sub=value` overrides, validate; with
+    `dataset: table`, check the table itself too (check_table_data)."""
+    config = read_config(path, overrides)
+    check_table_data(config)
+    return config
+
+
+def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read YAML (None: the study's defaults), apply `key.sub=value` overrides, validate the settings."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -270,11 +364,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate_config(raw)
 
 
+def check_table_data(config: PipelineConfig) -> None:
+    """With `dataset: table`, read the table once now, so that a bad file, column or value is a
+    ConfigError (one line, `sngp` exit 2) before anything starts. Relative paths are relative to the
+    working directory."""
+    if config.dataset != "table":
+        return
+    from sngp_models.table import TableError, load_table  # pandas: only for tables
+
+    try:
+        load_table(**config.table.loader_arguments(config.data.grid_size))
+    except TableError as exc:
+        raise ConfigError(f"table.{exc}") from None
+
+
 def config_from_flow_parameters(parameters: dict[str, Any]) -> PipelineConfig:
     """A flow's parameters (one per config section, as in `locals()` at the flow's start) -> validated
-    config. `methods=None` means the default list."""
-    raw = {k: v for k, v in parameters.items() if not (k == "methods" and v is None)}
-    return validate_config(raw)
+    config. `methods=None` means the default list.
+
+    With a `config_path` parameter (the retrain flow's: a deployment schedules retraining on a team's
+    own config, e.g. conf/table_example.yaml), that file is the base: a section parameter overrides
+    the keys it sets, a top-level value (seed, dataset, methods) overrides when it is not the flow's
+    default. A relative path is relative to the working directory (a worker's: the project folder)."""
+    path = parameters.get("config_path")
+    raw = {k: v for k, v in parameters.items() if k != "config_path" and not (k == "methods" and v is None)}
+    if path is None:
+        return validate_config(raw)
+    merged = read_config(path).model_dump(mode="json")
+    for key, value in raw.items():
+        if isinstance(value, BaseModel):  # a section: the keys its caller set
+            merged[key].update(value.model_dump(mode="json", include=value.model_fields_set))
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        elif key in PipelineConfig.model_fields and value != PipelineConfig.model_fields[key].default:
+            merged[key] = value
+    config = validate_config(merged)
+    check_table_data(config)
+    return config
 
 
 def validate_config(raw: dict[str, Any]) -> PipelineConfig:
@@ -320,7 +446,7 @@ def describe_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])
             allowed = ", ".join(parent.model_fields) if parent else "see conf/default.yaml"
@@ -330,6 +456,6 @@ def describe_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
         if err["type"] == "literal_error":
             msg = f"unknown value; allowed: {', '.join(ALL_METHODS)}" if loc[:1] == ("methods",) else msg
         given = err.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"{key}: {msg}{shown}")
+        shown = "" if isinstance(given, (dict, BaseModel)) else f" (got {given!r})"
+        lines.append(f"{key}: {msg}{shown}" if key else msg)  # a whole-config check names its keys
     return "invalid config: " + "; ".join(lines)

@@ -1,11 +1,11 @@
 """The `uncertainty-pipeline` flow: data -> train x methods -> evaluate -> plot -> MLflow record.
 
-Reads top to bottom like the study: generate the data once, train every method (independent methods
-run concurrently on Prefect's thread pool; MC Dropout reuses the deterministic net, as in the study),
-evaluate and plot each, then record a parent MLflow run with one nested run per method. Training,
-evaluation and plotting are cached across flow runs (keyed by config values, seeds and code), and
-the MLflow record is written from the task results every time, so a fully cached run is still
-recorded completely.
+Reads top to bottom like the study: generate the data once (or read your table, `dataset: table`),
+train every method (independent methods run concurrently on Prefect's thread pool; MC Dropout reuses
+the deterministic net, as in the study), evaluate and plot each, then record a parent MLflow run with
+one nested run per method. Training, evaluation and plotting are cached across flow runs (keyed by
+config values, seeds, the table's digest and code), and the MLflow record is written from the task
+results every time, so a fully cached run is still recorded completely.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from flows.config import (
     MlflowConfig,
     ModelSection,
     SNGPConfig,
+    TableConfig,
     TrainingConfig,
     config_from_flow_parameters,
 )
-from tasks.data import data_file
+from tasks.data import data_classes, data_file
 from tasks.evaluate import submit_evaluation
 from tasks.recording import finish_parent, parent_run, record_methods
 from tasks.train import submit_training
@@ -41,6 +42,7 @@ def uncertainty_pipeline(
     dataset: Dataset = "two_moons",
     data: DataConfig = DataConfig(),
     digits: DigitsConfig = DigitsConfig(),
+    table: TableConfig = TableConfig(),
     model: ModelSection = ModelSection(),
     training: TrainingConfig = TrainingConfig(),
     sngp: SNGPConfig = SNGPConfig(),
@@ -54,8 +56,9 @@ def uncertainty_pipeline(
     config = config_from_flow_parameters(locals())
     with parent_run(kind="pipeline", **config.record_settings()) as parent:
         data_path = data_file(seed=config.seed, **config.data_settings())
-        trained = submit_training(config.methods, config.training_settings(), data_path)
+        classes = data_classes(data_path)  # a table's classes are known once it is read
+        trained = submit_training(config.methods, config.training_settings(classes), data_path)
         evaluated, plotted = submit_evaluation(config.methods, trained, data_path)
-        settings = {m: config.model_settings(m) for m in config.methods}
-        results = record_methods(settings, trained, evaluated, plotted, parent)
+        settings = config.method_settings(classes)
+        results = record_methods(settings, trained, evaluated, plotted, parent, data_path)
         return finish_parent(results, data_path, parent)

@@ -2,7 +2,8 @@
 
 This module is the single source of the metric names: the pipeline's tasks, the sweeps, the `sngp run`
 table and the tests all take them from here. `data` is any of the library's data sets (two moons,
-digits): train/test/OOD splits, and a 2-D grid where the data set has one.
+digits, tables): train/test/OOD splits, and a 2-D grid where the data set has one. An empty OOD set
+(0 rows) has no OOD metrics: they are left out (see `has_ood`), not computed on nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from .interface import Prediction
 
 # Every metric a method's run records (DESIGN.md), in display order.
 METRIC_NAMES = (
@@ -30,6 +33,8 @@ METRIC_NAMES = (
 )
 # Only data sets with a 2-D grid (two moons) have these.
 GRID_METRICS = ("grid_mean_uncertainty", "distance_uncertainty_spearman")
+# Only data sets with an OOD set have these (a table without ood_path or ood_classes has none).
+OOD_METRICS = ("ood_mean_max_prob", "ood_auroc", "ood_aupr", "ood_fpr95")
 # Reported by training, not by `evaluate`.
 TRAINING_METRICS = ("train_seconds",)
 # The headline columns of the `sngp run` table and the Prefect summary artifact, with their short names.
@@ -54,7 +59,11 @@ def predict_splits(model: Any, data: Any) -> tuple[dict[str, np.ndarray], float]
     inference_seconds = time.perf_counter() - started
     train = model.predict_with_uncertainty(data.x_train)
     test = model.predict_with_uncertainty(data.x_test) if data.x_grid is not None else main
-    ood = model.predict_with_uncertainty(data.x_ood)
+    if has_ood(data):
+        ood = model.predict_with_uncertainty(data.x_ood)
+    else:
+        empty = np.zeros((0, test.probs.shape[1]), np.float32)
+        ood = Prediction(probs=empty, uncertainty=np.zeros(0, np.float32))
     arrays = {
         "train_probs": train.probs,
         "train_uncertainty": train.uncertainty,
@@ -80,9 +89,10 @@ def metrics_from_predictions(data: Any, arrays: dict[str, np.ndarray]) -> dict[s
         "nll": test_metrics["nll"],
         "brier": test_metrics["brier"],
         "ece": test_metrics["ece"],
-        "ood_mean_max_prob": float(arrays["ood_probs"].max(axis=1).mean()),
-        **metrics.ood_metrics(arrays["test_uncertainty"], arrays["ood_uncertainty"]),
     }
+    if len(arrays["ood_uncertainty"]):
+        values["ood_mean_max_prob"] = float(arrays["ood_probs"].max(axis=1).mean())
+        values.update(metrics.ood_metrics(arrays["test_uncertainty"], arrays["ood_uncertainty"]))
     if data.x_grid is not None:
         # Distance awareness as a number: does uncertainty grow with distance to the training data?
         distance = metrics.distance_to_nearest(data.x_grid, data.x_train)
@@ -94,7 +104,13 @@ def metrics_from_predictions(data: Any, arrays: dict[str, np.ndarray]) -> dict[s
     return {k: float(v) for k, v in values.items()}
 
 
+def has_ood(data: Any) -> bool:
+    """Whether `data` has an OOD set (at least one row) to compute the OOD metrics on."""
+    return data.x_ood is not None and len(data.x_ood) > 0
+
+
 def evaluate(model: Any, data: Any) -> dict[str, float]:
-    """Every metric of METRIC_NAMES that `model` and `data` determine (all but `train_seconds`)."""
+    """Every metric of METRIC_NAMES that `model` and `data` determine (all but `train_seconds`; the
+    OOD_METRICS only with an OOD set, the GRID_METRICS only with a grid)."""
     arrays, inference_seconds = predict_splits(model, data)
     return {**metrics_from_predictions(data, arrays), "inference_seconds": inference_seconds}

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 
 import sngp_models
 from sngp_models import evaluation
@@ -15,12 +15,20 @@ from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, configured, stable
 from .data import load_data
 from .plot import plot_method
 
+NO_OOD_MESSAGE = (
+    "no OOD set (give table.ood_path or table.ood_classes): OOD metrics skipped ("
+    + ", ".join(evaluation.OOD_METRICS)
+    + ")"
+)
+
 
 @task(name="evaluate", task_run_name="evaluate-{method}", cache_policy=CACHE_POLICY, persist_result=True)
 def evaluate_model(method: str, trained: dict, data_path: str, code_version: str = CODE_VERSION) -> dict:
-    """Metrics on the fresh test sample, the OOD set and (two moons) the grid; predictions saved as .npz."""
+    """Metrics on the test split, the OOD set (if any) and the grid (2-D data); predictions saved as .npz."""
     data = load_data(data_path)
     model = sngp_models.load_model(trained["model_dir"])
+    if not evaluation.has_ood(data):
+        get_run_logger().info("%s: %s", method, NO_OOD_MESSAGE)
     arrays, inference_seconds = evaluation.predict_splits(model, data)
     values = {
         **evaluation.metrics_from_predictions(data, arrays),

@@ -30,7 +30,8 @@ def _surface_kwargs(data) -> dict:
 
 @task(name="plot", task_run_name="plot-{method}", cache_policy=CACHE_POLICY, persist_result=True)
 def plot_method(method: str, evaluation: dict, data_path: str, code_version: str = CODE_VERSION) -> dict:
-    """One method's PNGs -> {file name: path}. Surfaces and the distance curve need the 2-D grid."""
+    """One method's PNGs -> {file name: path}. Surfaces and the distance curve need the 2-D grid, the
+    uncertainty histogram (in-distribution vs OOD) an OOD set; the reliability diagram is always drawn."""
     from sngp_models import plots
 
     data = load_data(data_path)
@@ -39,13 +40,12 @@ def plot_method(method: str, evaluation: dict, data_path: str, code_version: str
         pred = {k: f[k] for k in f.files}
     folder = f"plots/{method}-{stable_key(method, predictions_path, code_version)}"
     name = plots.DISPLAY_NAMES.get(method, method)
-    figures = {
-        "reliability.png": plots.plot_reliability(data.y_test, pred["test_probs"], method),
-        "uncertainty_histogram.png": plots.plot_uncertainty_histogram(
+    figures = {"reliability.png": plots.plot_reliability(data.y_test, pred["test_probs"], method)}
+    if len(pred["ood_uncertainty"]):  # in-distribution vs OOD: only with an OOD set
+        figures["uncertainty_histogram.png"] = plots.plot_uncertainty_histogram(
             pred["test_uncertainty"], pred["ood_uncertainty"], method
-        ),
-    }
-    if "grid_probs" in pred:
+        )
+    if "grid_probs" in pred:  # surfaces: 2-D data only (two moons, 2-feature tables), over its grid
         for kind, values, file_name in (
             ("probability", pred["grid_probs"][:, 0], "class_probability.png"),
             ("uncertainty", pred["grid_uncertainty"], "uncertainty.png"),

@@ -23,6 +23,8 @@ from sngp_models.evaluation import SUMMARY_METRICS
 
 from . import tracking
 from .cache import CODE_VERSION, configured
+from .data import data_facts
+from .evaluate import NO_OOD_MESSAGE
 from .plot import plot_comparison
 from .redaction import redact
 from .train import STOP_TRAINING
@@ -96,8 +98,32 @@ def parent_run(
     mlflow.end_run("FINISHED")
 
 
+@dataclass(frozen=True)
+class DataRecord:
+    """What a run records about its data: the data_facts of the training file and of the file the
+    models are evaluated on (the same file, but in retraining on generated data)."""
+
+    train: dict[str, Any]
+    evaluation: dict[str, Any]
+
+    @classmethod
+    def of(cls, data_path: str, eval_path: str | None = None) -> DataRecord:
+        train = data_facts(data_path)
+        return cls(train, train if eval_path in (None, data_path) else data_facts(eval_path))
+
+    def log(self) -> None:
+        """The datasets (mlflow.log_inputs) and the data params, on the active run."""
+        tracking.log_data(self.train, self.evaluation)
+
+
 def record_method(
-    method: str, params: dict[str, Any], trained: dict, evaluated: dict, plotted: dict, parent: ParentRun
+    method: str,
+    params: dict[str, Any],
+    trained: dict,
+    evaluated: dict,
+    plotted: dict,
+    parent: ParentRun,
+    data: DataRecord | None = None,
 ) -> dict[str, Any] | BaseException:
     """One nested MLflow run for `method` (its `params`), from its task futures; returns a result dict
     or the error (recorded: the run is FAILED with an `error` tag, the other methods go on)."""
@@ -119,6 +145,10 @@ def record_method(
             for stage, futures in (("train", trained), ("evaluate", evaluated), ("plot", plotted))
         }
         mlflow.log_params({"method": method, **params})
+        if "gp_kernel_scale_chosen" in train_result:  # SNGP: the kernel scale it trained with
+            mlflow.log_param("gp_kernel_scale_chosen", train_result["gp_kernel_scale_chosen"])
+        if data is not None:
+            data.log()
         mlflow.set_tags({f"cached.{stage}": str(hit).lower() for stage, hit in cached.items()})
         # The model before the metrics: log_model links the run's existing metrics to the model by
         # reading back every metric's history (~0.1 s a model); the evaluation metrics are linked to it
@@ -153,12 +183,24 @@ def record_method(
 
 
 def record_methods(
-    settings: dict[str, dict], trained: dict, evaluated: dict, plotted: dict, parent: ParentRun
+    settings: dict[str, dict],
+    trained: dict,
+    evaluated: dict,
+    plotted: dict,
+    parent: ParentRun,
+    data_path: str,
+    eval_path: str | None = None,
 ) -> dict[str, dict[str, Any] | BaseException]:
-    """record_method for each method of `settings` (method -> its params), in order -> method -> its
-    result dict, or the error it failed with."""
+    """The data record (datasets and data params, tasks.tracking.log_data) on the parent run, then
+    record_method for each method of `settings` (method -> its params), in order -> method -> its
+    result dict, or the error it failed with. `eval_path`: the data file the models were evaluated on,
+    if not `data_path` (retraining on generated data)."""
+    data = DataRecord.of(data_path, eval_path)
+    data.log()
+    if data.evaluation["rows"]["ood"] == 0:
+        get_run_logger().warning("%s", NO_OOD_MESSAGE)
     return {
-        method: record_method(method, params, trained, evaluated, plotted, parent)
+        method: record_method(method, params, trained, evaluated, plotted, parent, data)
         for method, params in settings.items()
     }
 

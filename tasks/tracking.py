@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ColSpec, Schema
 
 from . import pyfunc_model
 from .cache import HOST, process_alive, process_start_time
@@ -113,14 +117,85 @@ def log_curves(history: dict[str, list[float]]) -> None:
 def log_model(model_dir: str) -> mlflow.models.model.ModelInfo:
     """Log the library model as a pyfunc with an input signature (ModelInfo: model_uri, model_id)."""
     meta = json.loads((Path(model_dir) / "model.json").read_text())
+    features = meta.get("feature_names") or pyfunc_model.feature_columns(int(meta["input_dim"]))
+    classes = meta.get("class_names") or [str(c) for c in range(int(meta["config"]["num_classes"]))]
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=pyfunc_model.__file__,
         artifacts={"model_dir": model_dir},
-        signature=signature(int(meta["input_dim"]), int(meta["config"]["num_classes"])),
+        signature=signature(features, classes),
         pip_requirements=_PIP_REQUIREMENTS,
     )
     return info
+
+
+class SplitDataset(MetaDataset):
+    """One split of the run's data as MLflow records it (name, source, digest, schema, row count),
+    without the arrays. MetaDataset records no profile; this subclass of the public Dataset interface
+    adds one (`{"num_rows": N}`), shown on the run page next to the digest."""
+
+    def __init__(self, source, name: str, digest: str, schema: Schema | None, rows: int):
+        self.rows = int(rows)
+        super().__init__(source, name=name, digest=digest, schema=schema)
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return {"num_rows": self.rows}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+def dataset_source(source: str | dict):
+    """A table's files (a path or glob: MLflow's local source) or the generator that made the data."""
+    if isinstance(source, dict):
+        return CodeDatasetSource({k: str(v) for k, v in source.items()})
+    with warnings.catch_warnings():  # MLflow registers its local source twice and says so
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(source)
+
+
+def data_name(facts: dict[str, Any]) -> str:
+    """The data's name in MLflow: the data set (two_moons, digits), or the table's file name without
+    its suffix (a glob's pattern: `part-*`)."""
+    if facts["dataset"] != "table":
+        return facts["dataset"]
+    return Path(str(facts["source"]).split(" + ")[0]).name.rsplit(".", 1)[0]
+
+
+def data_params(train: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """DESIGN.md's data params: rows per split, the class names, the data digest."""
+    return {
+        "data.rows_train": train["rows"]["train"],
+        "data.rows_test": evaluation["rows"]["test"],
+        "data.rows_ood": evaluation["rows"]["ood"],
+        "data.classes": ",".join(train["class_names"]),
+        "data.digest": train["digest"],
+    }
+
+
+def log_data(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    """On the active run: `mlflow.log_inputs` for the train split of `train` and the test and OOD
+    splits of `evaluation` (data_facts of the data files; the same one but in retraining on generated
+    data), and the data params."""
+    datasets, contexts = [], []
+    for split, facts in (("train", train), ("test", evaluation), ("ood", evaluation)):
+        schema = Schema(
+            [ColSpec("double", name) for name in facts["feature_names"]]
+            + ([ColSpec("string", "label")] if split != "ood" else [])
+        )
+        datasets.append(
+            SplitDataset(
+                dataset_source(facts["source"]),
+                name=f"{data_name(facts)}-{split}",
+                digest=facts["split_digests"][split],
+                schema=schema,
+                rows=facts["rows"][split],
+            )
+        )
+        contexts.append(split)
+    mlflow.log_inputs(datasets, contexts=contexts, tags_list=[None] * len(datasets))
+    log_params(data_params(train, evaluation))
 
 
 def log_text_artifact(text: str, file_name: str, artifact_path: str | None = None) -> None:

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from sngp_models.interface import read_model_dir
 
 from .cache import CACHE_POLICY, CODE_VERSION, artifact_path, configured, stable_key
-from .data import load_data
+from .data import data_facts, load_data
 
 # Set when the flow is interrupted (SIGINT/SIGTERM): training in worker threads stops at the next epoch
 # instead of running to the end while the process waits for its thread pool.
@@ -48,14 +48,27 @@ def train_model(method: str, model_config: dict, data_path: str, code_version: s
     import sngp_models  # TensorFlow is imported here, only when something must be trained
 
     data = load_data(data_path)
+    facts = data_facts(data_path)
     model = sngp_models.make_model(method, **model_config)
     started = time.perf_counter()
-    model.fit(data.x_train, data.y_train, on_epoch_end=_progress(method, model.config.epochs))
+    model.fit(
+        data.x_train,
+        data.y_train,
+        on_epoch_end=_progress(method, model.config.epochs),
+        feature_names=facts["feature_names"],
+        class_names=facts["class_names"],
+    )
     seconds = time.perf_counter() - started
     path = artifact_path("models", f"{method}-{stable_key(method, model_config, data_path, code_version)}")
     model.save(path)
-    get_run_logger().info("%s trained in %.1f s -> %s", method, seconds, path)
-    return {"method": method, "model_dir": str(path), "train_seconds": seconds, "history": model.history_}
+    logger = get_run_logger()
+    logger.info("%s trained in %.1f s -> %s", method, seconds, path)
+    result = {"method": method, "model_dir": str(path), "train_seconds": seconds, "history": model.history_}
+    chosen = getattr(model, "gp_kernel_scale_", None)
+    if chosen is not None:  # SNGP: the kernel scale in use (chosen from the data with "auto")
+        result["gp_kernel_scale_chosen"] = float(chosen)
+        logger.info("%s: gp_kernel_scale %s -> %.6g", method, model_config.get("gp_kernel_scale"), chosen)
+    return result
 
 
 @task(name="mc-dropout-from-deterministic", cache_policy=CACHE_POLICY, persist_result=True)
