@@ -95,7 +95,9 @@ def bad_inputs(model) -> dict:
                 "raised": False,
                 "rows": len(out),
                 "equals_without_extra": bool(
-                    len(out) == 1 and np.allclose(out.to_numpy(), reference.to_numpy())
+                    len(out) == 1
+                    and list(out["predicted"]) == list(reference["predicted"])
+                    and np.allclose(out.select_dtypes("number"), reference.select_dtypes("number"))
                 ),
                 "warnings": [str(w.message)[:300] for w in caught],
             }
@@ -128,7 +130,7 @@ def big(model, rows: int) -> dict:
         "input_bytes": int(x.memory_usage(deep=True).sum()),
         "output_rows": len(out),
         "output_columns": list(out.columns),
-        "finite": bool(np.isfinite(out.to_numpy()).all()),
+        "finite": bool(np.isfinite(out.select_dtypes("number").to_numpy()).all()),
         "row_sum_error": float(np.abs(probs.sum(axis=1) - 1).max()),
     }
 
