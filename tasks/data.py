@@ -119,7 +119,8 @@ def describe(dataset: str, d: Any, source: str | dict) -> dict[str, Any]:
         "ood": (d.x_ood, None),
     }
     split_digests = {name: array_digest(*arrays) for name, arrays in splits.items()}
-    digest = d.digest if dataset == "table" else array_digest(*(a for pair in splits.values() for a in pair))
+    everything = (a for pair in splits.values() for a in pair)
+    digest = d.digest if dataset == "table" else array_digest(*everything, length=64)
     return {
         "dataset": dataset,
         "source": source,
@@ -133,8 +134,8 @@ def describe(dataset: str, d: Any, source: str | dict) -> dict[str, Any]:
     }
 
 
-def array_digest(*arrays: np.ndarray | None) -> str:
-    """sha256 (first 16 hex digits) of the arrays' dtypes, shapes and bytes."""
+def array_digest(*arrays: np.ndarray | None, length: int = 16) -> str:
+    """sha256 (its first `length` hex digits) of the arrays' dtypes, shapes and bytes."""
     h = hashlib.sha256()
     for a in arrays:
         if a is None:
@@ -142,7 +143,7 @@ def array_digest(*arrays: np.ndarray | None) -> str:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.data)
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:length]
 
 
 def data_file(dataset: str, data: dict, digits: dict, seed: int, table: dict | None = None) -> str:

@@ -308,6 +308,27 @@ def test_csv_and_parquet_give_the_same_data(tmp_path):
     np.testing.assert_array_equal(a.y_test, b.y_test)
 
 
+def test_retrain_flow_takes_a_config_path(tmp_path):
+    """What `make deploy RETRAIN_CONFIG=...` schedules: retrain/nightly with `config_path`. The file is
+    the base; a section passed besides it overrides the keys it sets, the defaults override nothing."""
+    import inspect
+
+    from flows.config import TableConfig, TrainingConfig, config_from_flow_parameters
+    from flows.retrain import retrain
+
+    wine_frame().to_csv(tmp_path / "wine.csv", index=False)
+    table = {"path": str(tmp_path / "wine.csv"), "label": "cultivar", "id_column": "sample_id"}
+    path = write_config(tmp_path, "nightly", table)
+    parameters = {name: p.default for name, p in inspect.signature(retrain.fn).parameters.items()}
+    config = config_from_flow_parameters({**parameters, "config_path": path})
+    assert config.dataset == "table" and config.table.path == table["path"]
+    assert config.training.epochs == SMALL["training"]["epochs"] and config.sngp.gp_kernel_scale == "auto"
+    override = {**parameters, "config_path": path, "training": TrainingConfig(epochs=3), "seed": 4}
+    config = config_from_flow_parameters(override)
+    assert (config.training.epochs, config.training.batch_size, config.seed) == (3, 64, 4)
+    assert config.table == TableConfig(**table) and config.methods == SMALL["methods"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. Retraining on new data: append a file to the glob
 
