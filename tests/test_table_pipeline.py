@@ -81,28 +81,34 @@ def write_config(workdir, name: str, table: dict, **sections) -> str:
 # Checks
 
 
-def expected_metrics(has_ood: bool) -> set[str]:
-    """No table here has 2 features, so no grid; the OOD metrics only with an OOD set."""
-    return {m for m in METRIC_NAMES if m not in GRID_METRICS and (has_ood or m not in OOD_METRICS)}
+def expected_metrics(has_ood: bool, grid: bool) -> set[str]:
+    """The grid metrics only for 2-feature tables, the OOD metrics only with an OOD set."""
+    return {m for m in METRIC_NAMES if (grid or m not in GRID_METRICS) and (has_ood or m not in OOD_METRICS)}
 
 
-def check_table_record(uri: str, parent_id: str, rows: dict[str, int], classes: list[str]) -> dict:
-    """A FINISHED parent with config.yaml and comparison.csv; per method a FINISHED child with exactly
-    its metrics (finite), per-epoch curves, cache tags, the reliability plot, one pyfunc model; on every
-    run the datasets (train/test/ood with name, source, digest, rows) and the data params."""
+def check_table_record(
+    uri: str, parent_id: str, rows: dict[str, int], classes: list[str], grid: bool = False
+) -> dict:
+    """A FINISHED parent with config.yaml and comparison.csv (+ comparison.png with a grid); per method
+    a FINISHED child with exactly its metrics (finite), per-epoch curves, cache tags, the reliability
+    plot (+ the surfaces with a grid), one pyfunc model; on every run the datasets (train/test/ood with
+    name, source, digest, rows) and the data params."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED", parent.info.status
-    assert {"config.yaml", "comparison.csv"} <= {a.path for a in client.list_artifacts(parent_id)}
+    parent_files = {a.path for a in client.list_artifacts(parent_id)}
+    parent_files |= {a.path for a in client.list_artifacts(parent_id, "plots")}
+    assert {"config.yaml", "comparison.csv"} <= parent_files
+    assert ("plots/comparison.png" in parent_files) == grid, parent_files
     kids = children(client, parent_id)
     assert sorted(kids) == sorted(STUDY_METHODS), sorted(kids)
     for run in [parent, *kids.values()]:
         check_data_lineage(run, rows, classes)
     for method, run in kids.items():
         assert run.info.status == "FINISHED", (method, run.info.status)
-        assert set(run.data.metrics) - {"loss", "accuracy"} == expected_metrics(rows["ood"] > 0), (
+        assert set(run.data.metrics) - {"loss", "accuracy"} == expected_metrics(rows["ood"] > 0, grid), (
             method,
             sorted(run.data.metrics),
         )
@@ -111,7 +117,8 @@ def check_table_record(uri: str, parent_id: str, rows: dict[str, int], classes: 
         plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
         assert "plots/reliability.png" in plots, (method, plots)
         assert ("plots/uncertainty_histogram.png" in plots) == (rows["ood"] > 0), (method, plots)
-        assert not {"plots/class_probability.png", "plots/uncertainty.png"} & plots  # no grid: no surface
+        surfaces = {"plots/class_probability.png", "plots/uncertainty.png", "plots/distance_curve.png"}
+        assert surfaces & plots == (surfaces if grid else set()), (method, plots)  # 2 features only
         assert len(logged_models(uri, run)) == 1, method
         assert {run.data.tags.get(f"cached.{s}") for s in ("train", "evaluate", "plot")} <= {"true", "false"}
     sngp = kids["sngp"].data.params
@@ -209,6 +216,7 @@ TABLES = {
     "wine": "CSV, id column, no OOD source",
     "cancer": "Parquet, string labels, ood_path",
     "digits": "two Parquet files by glob, ood_classes 5-9",
+    "wine-2d": "CSV, 2 features: surfaces over the data's range",
 }
 
 
@@ -223,7 +231,12 @@ def prepare(name: str, workdir) -> tuple[str, pd.DataFrame, dict[str, int], list
 
     data = workdir / name
     data.mkdir()
-    if name == "wine":
+    if name == "wine-2d":
+        frame = wine_frame()
+        frame.to_csv(data / "wine.csv", index=False)
+        table = {"path": str(data / "wine.csv"), "label": "cultivar", "features": ["alcohol", "flavanoids"]}
+        features = frame[["flavanoids", "alcohol"]]
+    elif name == "wine":
         frame = wine_frame()
         frame.to_csv(data / "wine.csv", index=False)
         table = {"path": str(data / "wine.csv"), "label": "cultivar", "id_column": "sample_id"}
@@ -250,6 +263,7 @@ def prepare(name: str, workdir) -> tuple[str, pd.DataFrame, dict[str, int], list
     rows = {"train": len(split.x_train), "test": len(split.x_test), "ood": len(split.x_ood)}
     classes, ood = {
         "wine": (["class_0", "class_1", "class_2"], 0),
+        "wine-2d": (["class_0", "class_1", "class_2"], 0),
         "cancer": (["benign", "malignant"], 60),
         "digits": (["0", "1", "2", "3", "4"], 896),  # every image of the digits 5-9
     }[name]
@@ -271,7 +285,7 @@ def table_run(request, workdir):
 def test_table_run_records_everything(table_run, workdir, mlflow_reader):
     name, proc, sample, rows, classes = table_run
     reader = mlflow_reader(workdir)
-    kids = check_table_record(reader.uri, proc.parent_id, rows, classes)
+    kids = check_table_record(reader.uri, proc.parent_id, rows, classes, grid=name == "wine-2d")
     print_metrics(f"{name} ({TABLES[name]}; rows {rows})", kids)
     for method, run in kids.items():
         assert run.data.params["standardize"] == "True", method  # the scaling travels with the model
