@@ -1,8 +1,8 @@
 """Typed pipeline configuration: YAML file + `--set key=value` overrides, validated before anything runs.
 
 The YAML sections mirror the flow's parameters (seed, methods, data, digits, table, model, training, sngp,
-mc_dropout, deep_ensemble, mlflow), so a deployment's `--param training='{"epochs": 5}'` and the CLI's
-`--set training.epochs=5` mean the same thing. Unknown keys are errors, not silently ignored.
+mc_dropout, deep_ensemble, serving, mlflow), so a deployment's `--param training='{"epochs": 5}'` and the
+CLI's `--set training.epochs=5` mean the same thing. Unknown keys are errors, not silently ignored.
 """
 
 from __future__ import annotations
@@ -180,6 +180,13 @@ class DeepEnsembleConfig(Section):
     ensemble_size: int = Field(10, ge=1, le=100)
 
 
+class ServingConfig(Section):
+    """How the logged models abstain: the threshold on uncertainty accepts `target_coverage` of the
+    in-distribution test split (sngp_models.abstention.calibrate); above it a prediction says `abstain`."""
+
+    target_coverage: float = Field(0.95, gt=0, le=1)
+
+
 class MlflowConfig(Section):
     experiment: str = Field("sngp-uncertainty", min_length=1, max_length=200)
     # None: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.
@@ -214,6 +221,7 @@ class PipelineConfig(Section):
     mc_dropout: MCDropoutConfig = MCDropoutConfig()
     deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig()
     exact_gp: ExactGPConfig = ExactGPConfig()
+    serving: ServingConfig = ServingConfig()
     mlflow: MlflowConfig = MlflowConfig()
     retrain: RetrainConfig = RetrainConfig()
 

@@ -24,6 +24,7 @@ from flows.config import (
     Method,
     MlflowConfig,
     ModelSection,
+    ServingConfig,
     SNGPConfig,
     TableConfig,
     TrainingConfig,
@@ -49,6 +50,7 @@ def uncertainty_pipeline(
     mc_dropout: MCDropoutConfig = MCDropoutConfig(),
     deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig(),
     exact_gp: ExactGPConfig = ExactGPConfig(),
+    serving: ServingConfig = ServingConfig(),
     mlflow: MlflowConfig = MlflowConfig(),
 ) -> dict[str, Any]:
     """SNGP vs. deterministic ResNet, MC Dropout and Deep Ensemble (parameters: conf/default.yaml)."""
@@ -58,7 +60,9 @@ def uncertainty_pipeline(
         data_path = data_file(seed=config.seed, **config.data_settings())
         classes = data_classes(data_path)  # a table's classes are known once it is read
         trained = submit_training(config.methods, config.training_settings(classes), data_path)
-        evaluated, plotted = submit_evaluation(config.methods, trained, data_path)
+        evaluated, plotted = submit_evaluation(
+            config.methods, trained, data_path, config.serving.target_coverage
+        )
         settings = config.method_settings(classes)
         results = record_methods(settings, trained, evaluated, plotted, parent, data_path)
         return finish_parent(results, data_path, parent)

@@ -28,6 +28,7 @@ from flows.config import (
     MlflowConfig,
     ModelSection,
     RetrainConfig,
+    ServingConfig,
     SNGPConfig,
     TableConfig,
     TrainingConfig,
@@ -55,6 +56,7 @@ def retrain(
     mc_dropout: MCDropoutConfig = MCDropoutConfig(),
     deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig(),
     exact_gp: ExactGPConfig = ExactGPConfig(),
+    serving: ServingConfig = ServingConfig(),
     mlflow: MlflowConfig = MlflowConfig(),
     retrain: RetrainConfig = RetrainConfig(),
 ) -> dict[str, Any]:
@@ -73,7 +75,9 @@ def retrain(
         holdout_path = holdout_file(holdout_seed=policy.holdout_seed, **config.data_settings())
         classes = data_classes(data_path)  # a table's classes are known once it is read
         trained = submit_training(config.methods, config.training_settings(classes), data_path)
-        evaluated, plotted = submit_evaluation(config.methods, trained, holdout_path)
+        evaluated, plotted = submit_evaluation(
+            config.methods, trained, holdout_path, config.serving.target_coverage
+        )
         settings = config.method_settings(classes)
         outcomes = record_methods(settings, trained, evaluated, plotted, parent, data_path, holdout_path)
         decisions = promote_all(outcomes, data_path, holdout_path, policy.model_dump())

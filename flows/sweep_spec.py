@@ -32,6 +32,8 @@ NOT_SWEEPABLE = {
     "methods": "use 'methods:' for methods",
     "mlflow": "MLflow settings are not swept; set them in the base config",
     "retrain": "retraining settings do not change what a sweep point trains",
+    # Sweep points calibrate abstention at the default target coverage (0.95).
+    "serving": "serving settings do not change what a sweep point trains",
 }
 # Pipeline keys whose library field has another name.
 MODEL_FIELD_ALIASES = {"mc_dropout.num_samples": "num_mc_samples"}

@@ -16,7 +16,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from . import metrics
+from . import abstention, metrics
 
 __all__ = [
     "DISPLAY_NAMES",
@@ -25,6 +25,7 @@ __all__ = [
     "plot_distance_curve",
     "plot_method",
     "plot_reliability",
+    "plot_risk_coverage",
     "plot_uncertainty_histogram",
 ]
 
@@ -438,5 +439,54 @@ def plot_distance_curve(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], n_b
     if len(checked) == 1:
         title += f", {_display_name(checked[0][0])}"
     ax.set_title(title)
+    ax.legend()
+    return fig
+
+
+def plot_risk_coverage(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], target_coverage: float | None = None
+) -> Figure:
+    """Risk-coverage curves (selective prediction), one line per method: abstaining on the most
+    uncertain examples first, the error rate of what is kept against the fraction kept.
+
+    The curves and the AURC in the legend are :func:`sngp_models.abstention.risk_coverage` and
+    :func:`sngp_models.abstention.aurc` (ties in uncertainty take the expected risk); the dotted line
+    below each curve is the lowest any score can reach at that error rate (errors abstained first).
+
+    Args:
+        curves: ``{method_key: (correct, uncertainty)}``: per method, whether each test prediction is
+            right (bool ``(N,)``) and its uncertainty ``(N,)``; lines follow the dict order, labels use
+            :data:`DISPLAY_NAMES`. One entry for a method's own plot, all for the parent run's.
+        target_coverage: drawn as a vertical line (the coverage the abstention threshold accepts).
+
+    Returns:
+        A 6x5 inch figure with one axes: two lines per method (curve, optimum), plus the target line.
+    """
+    if not isinstance(curves, Mapping) or len(curves) == 0:
+        raise ValueError("curves must be a non-empty mapping {method: (correct, uncertainty)}")
+    fig = Figure(figsize=_SMALL_FIGSIZE)
+    ax = fig.subplots()
+    top = 0.0
+    for key, pair in curves.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"curves[{key!r}] must be a pair (correct, uncertainty)")
+        correct, uncertainty = pair
+        coverage, risk = abstention.risk_coverage(correct, uncertainty)
+        area = float(np.mean(risk))
+        (line,) = ax.plot(coverage, risk, label=f"{_display_name(key)} (AURC {area:.4f})")
+        wrong = risk[-1] * coverage.size  # errors among all N
+        best = np.maximum(coverage * coverage.size - (coverage.size - wrong), 0) / (coverage * coverage.size)
+        ax.plot(coverage, best, linestyle=":", color=line.get_color(), alpha=0.7)
+        top = max(top, float(risk.max()))
+    if target_coverage is not None:
+        ax.axvline(float(target_coverage), color="gray", linestyle="--", label=f"target {target_coverage:g}")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, max(top * 1.05, 0.01))
+    ax.set_xlabel("Coverage (fraction answered, most certain first)")
+    ax.set_ylabel("Risk (error rate of the answered)")
+    title = "Risk-coverage"
+    if len(curves) == 1:
+        title += f", {_display_name(next(iter(curves)))}"
+    ax.set_title(title + " (dotted: best possible)")
     ax.legend()
     return fig

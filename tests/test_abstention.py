@@ -167,3 +167,62 @@ def test_risk_at_coverage():
     assert risk_at_coverage(correct, u, 0.9) == pytest.approx(1 / 9)  # first 9 accepted, one wrong
     assert risk_at_coverage(correct, u, 0.4) == 0.0
     assert risk_at_coverage(correct, u, 1.0) == pytest.approx(0.2)
+
+
+# --------------------------------------------------------------------------- evaluation and plot
+
+
+def _arrays(rng, n_test=200, n_ood=50):
+    """predict_splits-like arrays: the OOD set far more uncertain than the test split."""
+    probs = rng.dirichlet([5.0, 1.0], n_test)
+    return {
+        "test_probs": probs,
+        "test_uncertainty": (1 - (probs**2).sum(axis=1)) / 2,
+        "ood_probs": np.full((n_ood, 2), 0.5),
+        "ood_uncertainty": np.r_[np.full(n_ood - 5, 0.25), np.zeros(5)],
+    }
+
+
+def test_selective_metrics_of_the_evaluation():
+    from types import SimpleNamespace
+
+    from sngp_models import evaluation
+
+    rng = np.random.default_rng(3)
+    arrays = _arrays(rng)
+    data = SimpleNamespace(y_test=rng.integers(0, 2, 200))
+    ab = evaluation.calibrate_test(arrays, 0.9)
+    values = evaluation.selective_metrics(data, arrays, ab)
+    correct = arrays["test_probs"].argmax(axis=1) == data.y_test
+    assert values["abstain_threshold"] == ab.threshold == np.sort(arrays["test_uncertainty"])[179]
+    assert values["aurc"] == aurc(correct, arrays["test_uncertainty"])
+    assert values["risk_at_target_coverage"] == risk_at_coverage(correct, arrays["test_uncertainty"], 0.9)
+    assert values["ood_reject_rate"] == 0.9  # 45 of 50 above any test uncertainty (< 0.25), 5 at 0
+    assert set(values) <= set(evaluation.METRIC_NAMES)
+    assert "ood_reject_rate" in evaluation.OOD_METRICS
+    assert {"aurc", "ood_reject_rate"} <= set(evaluation.SUMMARY_METRICS)
+    # No OOD set: no ood_reject_rate
+    empty = {**arrays, "ood_probs": np.zeros((0, 2)), "ood_uncertainty": np.zeros(0)}
+    assert "ood_reject_rate" not in evaluation.selective_metrics(data, empty, ab)
+
+
+def test_plot_risk_coverage(tmp_path):
+    from matplotlib.figure import Figure
+
+    from sngp_models import plots
+
+    rng = np.random.default_rng(0)
+    correct = rng.random(300) > 0.1
+    curves = {"sngp": (correct, rng.random(300)), "deterministic": (correct, rng.random(300))}
+    fig = plots.plot_risk_coverage(curves, target_coverage=0.95)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2 * 2 + 1  # curve + optimum per method, the target line
+    assert "AURC" in ax.get_legend().get_texts()[0].get_text()
+    fig.savefig(tmp_path / "rc.png")
+    assert (tmp_path / "rc.png").stat().st_size > 1000
+    assert len(plots.plot_risk_coverage({"sngp": curves["sngp"]}).axes[0].lines) == 2
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        plots.plot_risk_coverage({})
+    with pytest.raises(ValueError, match="pair"):
+        plots.plot_risk_coverage({"sngp": (correct,)})

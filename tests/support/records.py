@@ -101,16 +101,17 @@ def logged_models(uri: str, run) -> list:
 def check_complete_record(
     uri: str, parent_id: str, methods=ALL_METHODS, download_pngs: bool = False, grid: bool = True
 ) -> dict:
-    """A FINISHED parent with config.yaml and comparison.png, and per method a FINISHED child with every
-    metric of the library's list (finite; the grid ones only for data sets with a grid), cache tags,
-    both surface PNGs and one logged pyfunc model. Returns the children by method."""
+    """A FINISHED parent with config.yaml, comparison.png and risk_coverage.png, and per method a FINISHED
+    child with every metric of the library's list (finite; the grid ones only for data sets with a grid),
+    cache tags, the risk-coverage and both surface PNGs and one logged pyfunc model. Returns the children
+    by method."""
     c = client(uri)
     parent = c.get_run(parent_id)
     assert parent.info.status == "FINISHED", (parent_id, parent.info.status)
     parent_files = {a.path for a in c.list_artifacts(parent_id)} | {
         a.path for a in c.list_artifacts(parent_id, "plots")
     }
-    assert {"config.yaml", "plots/comparison.png"} <= parent_files, parent_files
+    assert {"config.yaml", "plots/comparison.png", "plots/risk_coverage.png"} <= parent_files, parent_files
     kids = children(c, parent_id)
     assert sorted(kids) == sorted(methods), f"child runs of {parent_id}: {sorted(kids)}"
     expected = {m for m in METRIC_NAMES if grid or m not in GRID_METRICS}
@@ -122,7 +123,8 @@ def check_complete_record(
         assert not missing, f"{method}: missing metrics {sorted(missing)}"
         assert all(math.isfinite(v) for v in run.data.metrics.values()), (method, run.data.metrics)
         plots = {a.path: a.file_size for a in c.list_artifacts(run.info.run_id, "plots")}
-        for png in ("plots/class_probability.png", "plots/uncertainty.png") if grid else ():
+        surfaces = ("plots/class_probability.png", "plots/uncertainty.png") if grid else ()
+        for png in ("plots/risk_coverage.png", *surfaces):
             assert plots.get(png, 0) > 1000, (method, png, plots)
             if download_pngs:
                 local = c.download_artifacts(run.info.run_id, png)
