@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= conf/default.yaml
 
-.PHONY: run test test-fast lint format bench serve deploy sweep clean
+.PHONY: run test test-fast lint format bench serve serve-model deploy sweep clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,24 +39,40 @@ clean:
 # nightly retrain and sweep-point/pool, which `sngp sweep --runner workpool` dispatches its points to).
 # RETRAIN_CONFIG=conf/table_example.yaml: the nightly retrain runs on that config (e.g. your own table;
 # its absolute path becomes the deployment's `config_path` parameter); empty: the study's settings.
+# monitor/every-15-minutes watches MONITOR_INBOX (created if missing) with MONITOR_MODEL; the automation
+# 'sngp: retrain on drift' runs retrain/nightly on its drift events, at most once per
+# DRIFT_COOLDOWN_MINUTES (created or updated by `sngp deploy-automations`, never duplicated).
 SNGP_WORK_POOL ?= sngp-pool
 SNGP_RETRAIN_CRON ?= 0 2 * * *
 RETRAIN_CONFIG ?=
-DEPLOY_ENV = SNGP_PROJECT_DIR="$(CURDIR)" SNGP_RETRAIN_CRON="$(SNGP_RETRAIN_CRON)" PREFECT_CLI_PROMPT=false
+MONITOR_MODEL ?= models:/sngp-uncertainty-sngp@champion
+MONITOR_INBOX ?= inbox
+DRIFT_COOLDOWN_MINUTES ?= 360
+DEPLOY_ENV = SNGP_PROJECT_DIR="$(CURDIR)" SNGP_RETRAIN_CRON="$(SNGP_RETRAIN_CRON)" PREFECT_CLI_PROMPT=false \
+	SNGP_MONITOR_MODEL="$(MONITOR_MODEL)" SNGP_MONITOR_INBOX="$(abspath $(MONITOR_INBOX))"
 deploy: $(STAMP)
 	@test -n "$$PREFECT_API_URL" || { echo "make deploy: set PREFECT_API_URL (sngp serve prints it)"; exit 2; }
 	@test -z "$(RETRAIN_CONFIG)" || test -f "$(RETRAIN_CONFIG)" || \
 		{ echo "make deploy: RETRAIN_CONFIG=$(RETRAIN_CONFIG) is not a file"; exit 2; }
+	mkdir -p "$(abspath $(MONITOR_INBOX))"
 	$(BIN)/prefect work-pool create $(SNGP_WORK_POOL) --type process --overwrite >/dev/null
 	$(DEPLOY_ENV) $(BIN)/prefect --no-prompt deploy --all
 	@test -z "$(RETRAIN_CONFIG)" || $(DEPLOY_ENV) $(BIN)/prefect --no-prompt deploy --name nightly \
 		--param config_path="$(abspath $(RETRAIN_CONFIG))"
+	$(BIN)/sngp deploy-automations --cooldown-minutes $(DRIFT_COOLDOWN_MINUTES)
 
 # Prefect server + MLflow server + $(WORKERS) process worker(s) on $(DATA_DIR); Ctrl-C stops them, data is kept.
 DATA_DIR ?= .sngp_server
 WORKERS ?= 1
 serve: $(STAMP)
 	$(BIN)/sngp serve --data-dir $(DATA_DIR) --workers $(WORKERS)
+
+# One model behind MLflow's scoring server (POST http://127.0.0.1:$(MODEL_PORT)/invocations) until Ctrl-C;
+# models:/ and runs:/ URIs are looked up in $$MLFLOW_TRACKING_URI (else ./mlflow.db).
+MODEL ?= models:/sngp-uncertainty-sngp@champion
+MODEL_PORT ?= 5001
+serve-model: $(STAMP)
+	$(BIN)/sngp serve-model --model "$(MODEL)" --port $(MODEL_PORT)
 
 # Notebook baseline vs. `sngp run` cold and warm, 1M-point predictions -> benchmarks/results/latest.json.
 bench: $(STAMP)

@@ -25,6 +25,7 @@ FLOW_NAMES = {
     "flows/pipeline.py": "uncertainty-pipeline",
     "flows/retrain.py": "retrain",
     "flows/sweep_point_flow.py": "sweep-point",
+    "flows/monitor.py": "monitor",
 }
 
 
@@ -49,7 +50,7 @@ def _makefile_default(name: str) -> str:
 
 
 def test_prefect_yaml_parses_and_lists_the_deployments(project, deployments):
-    assert set(deployments) == {"default", "smoke", "nightly", "pool"}
+    assert set(deployments) == {"default", "smoke", "nightly", "pool", "every-15-minutes"}
     assert project["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SNGP_PROJECT_DIR }}"}}
     ]  # filled in by `make deploy`, never a path of one machine
@@ -81,7 +82,7 @@ def test_nightly_deployment_has_a_cron_schedule(deployments, monkeypatch):
     assert deployments["nightly"]["parameters"] == {}
 
 
-@pytest.mark.parametrize("name", ["default", "smoke", "nightly", "pool"])
+@pytest.mark.parametrize("name", ["default", "smoke", "nightly", "pool", "every-15-minutes"])
 def test_entrypoint_resolves_to_the_flow(deployments, name):
     path, _, attribute = deployments[name]["entrypoint"].partition(":")
     assert (ROOT / path).is_file(), path
@@ -111,3 +112,18 @@ def test_sweep_point_deployment_is_the_one_sngp_sweep_dispatches_to(deployments)
     accepted = set(sweep_point_flow.parameters.properties)
     assert {"label", "method", "model_settings", "data_path", "code_version"} <= accepted
     assert set(sweep_point_flow.parameters.required) == {"label", "method", "model_settings", "data_path"}
+
+
+def test_monitor_deployment_runs_every_15_minutes_on_the_makefile_model_and_inbox(deployments, monkeypatch):
+    monitor = deployments["every-15-minutes"]
+    assert monitor["schedules"] == [{"interval": 900}]
+    # model and inbox come from $SNGP_MONITOR_MODEL / $SNGP_MONITOR_INBOX, which `make deploy` sets.
+    model, inbox = _makefile_default("MONITOR_MODEL"), _makefile_default("MONITOR_INBOX")
+    monkeypatch.setenv("SNGP_MONITOR_MODEL", model)
+    monkeypatch.setenv("SNGP_MONITOR_INBOX", f"/srv/sngp/{inbox}")
+    resolved = apply_values(monitor["parameters"], os.environ, remove_notset=False)
+    assert resolved == {"model": "models:/sngp-uncertainty-sngp@champion", "inbox": f"/srv/sngp/{inbox}"}
+    from flows.monitor import monitor as monitor_flow
+
+    assert set(monitor_flow.parameters.required) == {"model", "inbox"}
+    assert "sngp deploy-automations" in (ROOT / "Makefile").read_text()  # the drift automation, same target

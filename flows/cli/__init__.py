@@ -19,6 +19,9 @@ SUBCOMMANDS = {
     "retrain": "flows.cli.retrain",
     "serve": "flows.cli.serve",
     "sweep": "flows.cli.sweep",
+    "serve-model": "flows.cli.serve_model",
+    "monitor": "flows.cli.monitor",
+    "deploy-automations": "flows.cli.deploy_automations",
 }
 
 

@@ -13,6 +13,7 @@ its parser, and `sngp --help` should stay fast).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -97,38 +98,53 @@ def crash_automation(heartbeat_seconds: int) -> Automation:
 
 def sync_crash_automation(api_url: str, heartbeat_seconds: int | None) -> str:
     """Make the Prefect server at `api_url` hold exactly one automation CRASH_AUTOMATION_NAME with
-    crash_automation(heartbeat_seconds)'s settings: created if missing, updated (same id) if it
-    differs, extra copies deleted; with heartbeat_seconds None or 0 an existing one is disabled.
-    Returns what it did: 'created', 'updated', 'unchanged', 'disabled' or 'absent'.
+    crash_automation(heartbeat_seconds)'s settings (sync_automation); with heartbeat_seconds None or 0
+    an existing one is disabled. Returns what it did: 'created', 'updated', 'unchanged', 'disabled' or
+    'absent'. Raises ServiceError if the server refuses or cannot be reached."""
+    if heartbeat_seconds:
+        return sync_automation(api_url, lambda: crash_automation(heartbeat_seconds))
+    return _on_server(api_url, _disable_all, CRASH_AUTOMATION_NAME)
+
+
+def sync_automation(api_url: str, desired: Callable[[], Automation]) -> str:
+    """Make the Prefect server at `api_url` hold exactly one automation named like `desired()` (called
+    with the server set, so it may look things up there), with its settings: created if missing, updated
+    (same id) if it differs, extra copies deleted. Returns 'created', 'updated' or 'unchanged'.
 
     A server that has just started may answer 503 while its services come up: Prefect's client retries
     that (and 429/502) with backoff, PREFECT_CLIENT_MAX_RETRIES times (5: about a minute).
     Raises ServiceError if the server refuses or cannot be reached."""
+    return _on_server(api_url, _sync, desired)
+
+
+def _on_server(api_url: str, action: Callable, argument) -> str:
     import httpx  # lazy, as Prefect: keeps `sngp --help` fast
     from prefect.exceptions import PrefectException  # lazy: keeps `sngp --help` fast
     from prefect.settings import PREFECT_API_URL, temporary_settings  # lazy: keeps `sngp --help` fast
 
     try:
         with temporary_settings({PREFECT_API_URL: api_url}):
-            return _sync(heartbeat_seconds)
+            return action(argument)
     except (httpx.HTTPError, PrefectException) as exc:
         raise ServiceError(f"the Prefect server at {api_url} refused the automation: {exc}") from None
 
 
-def _sync(heartbeat_seconds: int | None) -> str:
-    found = _read_all()
-    if not heartbeat_seconds:
-        enabled = [automation for automation in found if automation.enabled]
-        for automation in enabled:
-            automation.disable()
-        return "disabled" if enabled else "absent"
-    desired = crash_automation(heartbeat_seconds)
+def _disable_all(name: str) -> str:
+    enabled = [automation for automation in _read_all(name) if automation.enabled]
+    for automation in enabled:
+        automation.disable()
+    return "disabled" if enabled else "absent"
+
+
+def _sync(make_desired: Callable[[], Automation]) -> str:
+    desired = make_desired()
+    found = _read_all(desired.name)
     if not found:
         desired.create()
         return "created"
     # Listed most recently updated first: keep the longest-standing one (a copy made by hand is newer).
     *extra, keep = found
-    for automation in extra:  # one automation, one Crashed state
+    for automation in extra:  # one automation, one action per trigger
         automation.delete()
     if _settings(keep) != _settings(desired):
         desired.id = keep.id
@@ -137,18 +153,14 @@ def _sync(heartbeat_seconds: int | None) -> str:
     return "updated" if extra else "unchanged"
 
 
-def _read_all() -> list[Automation]:
-    """Every automation named CRASH_AUTOMATION_NAME (Automation.read returns only one)."""
+def _read_all(name: str) -> list[Automation]:
+    """Every automation named `name` (Automation.read returns only one)."""
     from prefect.automations import Automation  # lazy: keeps `sngp --help` fast
     from prefect.client.orchestration import get_client  # lazy: keeps `sngp --help` fast
 
     with get_client(sync_client=True) as client:
-        found = client.read_automations_by_name(CRASH_AUTOMATION_NAME)
-    return [
-        Automation(**automation.model_dump())
-        for automation in found
-        if automation.name == CRASH_AUTOMATION_NAME
-    ]
+        found = client.read_automations_by_name(name)
+    return [Automation(**automation.model_dump()) for automation in found if automation.name == name]
 
 
 def _settings(automation: Automation) -> dict:

@@ -96,29 +96,29 @@ def spawn(
     *,
     env: dict[str, str],
     cwd: Path,
-    log: Path,
+    log: Path | None,
     death_signal: int | None = None,
     secrets: tuple[str, ...] = (),
 ) -> Child:
-    """Start `argv` (its program found by `executable`) with stdout and stderr appended to `log`, in a
-    session of its own (a Ctrl-C in our terminal reaches only us: we stop children in our order), and
-    sent `death_signal` by the kernel if this process dies."""
+    """Start `argv` (its program found by `executable`) with stdout and stderr appended to `log` (None:
+    this process's own stdout and stderr), in a session of its own (a Ctrl-C in our terminal reaches
+    only us: we stop children in our order), and sent `death_signal` by the kernel if this process dies."""
     argv = [executable(argv[0]), *argv[1:]]
+    options = dict(
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=die_with_parent(death_signal) if death_signal else None,
+    )
+    if log is None:
+        return Child(name, subprocess.Popen(argv, **options), Path(os.devnull), 0, secrets)  # noqa: PLW1509
     with open(log, "ab") as f:
         offset = f.tell()
         stamp = datetime.now().isoformat(timespec="seconds")
         f.write(f"\n===== {stamp} {' '.join(argv)}\n".encode())
         f.flush()
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=die_with_parent(death_signal) if death_signal else None,  # noqa: PLW1509 - prctl only
-        )
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, **options)  # noqa: PLW1509 - prctl only
     return Child(name, proc, log, offset, secrets)
 
 
