@@ -72,50 +72,58 @@ def reader(workdir, first_run, mlflow_reader):
     return mlflow_reader(workdir)
 
 
+def _run_smoke(workdir, what: str, *args: str):
+    """`sngp run --config conf/smoke.yaml ARGS` in `workdir`: it must succeed, and the temporary Prefect
+    server must not outlive it."""
+    proc = run_sngp(["run", "--config", str(SMOKE), *args], workdir)
+    print(f"\n[pipeline] {what}: {proc.seconds:.1f} s, exit {proc.returncode}")
+    assert proc.returncode == 0, describe(proc)
+    assert not proc.leaked, describe(proc)
+    return proc
+
+
+def _rerun_on_the_same_code(workdir, reader, before, tries: list[tuple[str, list[str]]]):
+    """(run, index) of the first of `tries` ((what, ARGS) for _run_smoke, in turn) that ran the code `before`
+    ran (its parent's `code_version` tag). Others edit the repo meanwhile: if the library/task code changed,
+    caches are rightly invalid, so the next try is compared with the run just made. Skips the test if the
+    code kept changing."""
+
+    def code_version(proc) -> str:
+        return reader.client.get_run(proc.parent_id).data.tags["code_version"]
+
+    reference = code_version(before)
+    for index, (what, args) in enumerate(tries):
+        proc = _run_smoke(workdir, what, *args)
+        version = code_version(proc)
+        if version == reference:
+            return proc, index
+        reference = version
+    pytest.skip("sngp_models/tasks code kept changing during the test run; cache hits cannot be expected")
+
+
 @pytest.fixture(scope="module")
 def first_run(workdir):
-    proc = run_sngp(["run", "--config", str(SMOKE)], workdir)
-    print(f"\n[pipeline] first (cold) smoke run: {proc.seconds:.1f} s, exit {proc.returncode}")
-    assert proc.returncode == 0, describe(proc)
-    assert not proc.leaked, describe(proc)  # the temporary Prefect server must not outlive the run
-    return proc
+    return _run_smoke(workdir, "first (cold) smoke run")
 
 
 @pytest.fixture(scope="module")
 def warm_run(workdir, first_run, reader):
-    """A second identical run. If the library/task code changed meanwhile (others edit the repo; the
-    parent's `code_version` tag then differs), caches are rightly invalid: rerun once more."""
-    reference = reader.client.get_run(first_run.parent_id).data.tags["code_version"]
-    for attempt in (1, 2):
-        proc = run_sngp(["run", "--config", str(SMOKE)], workdir)
-        print(f"\n[pipeline] identical rerun: {proc.seconds:.1f} s, exit {proc.returncode}")
-        assert proc.returncode == 0, describe(proc)
-        assert not proc.leaked, describe(proc)
-        proc.attempts = attempt
-        version = reader.client.get_run(proc.parent_id).data.tags["code_version"]
-        if version == reference:
-            print(f"[pipeline] cold run {first_run.seconds:.1f} s -> warm (cached) run {proc.seconds:.1f} s")
-            return proc
-        reference = version
-    pytest.skip("sngp_models/tasks code kept changing during the test run; cache hits cannot be expected")
+    """A second identical run (once more if the code changed meanwhile)."""
+    proc, index = _rerun_on_the_same_code(workdir, reader, first_run, [("identical rerun", [])] * 2)
+    proc.attempts = index + 1
+    print(f"[pipeline] cold run {first_run.seconds:.1f} s -> warm (cached) run {proc.seconds:.1f} s")
+    return proc
 
 
 @pytest.fixture(scope="module")
 def sngp_changed_run(workdir, warm_run, reader):
-    """One SNGP setting changed. If the code changed meanwhile, everything rightly retrains under the new
-    code_version; then try once more with another value (the other methods are cached by then)."""
-    reference = reader.client.get_run(warm_run.parent_id).data.tags["code_version"]
-    for bound in ("0.5", "0.6"):
-        proc = run_sngp(["run", "--config", str(SMOKE), "--set", f"sngp.spec_norm_bound={bound}"], workdir)
-        print(f"\n[pipeline] rerun with sngp.spec_norm_bound={bound}: {proc.seconds:.1f} s")
-        assert proc.returncode == 0, describe(proc)
-        assert not proc.leaked, describe(proc)
-        proc.bound = bound
-        version = reader.client.get_run(proc.parent_id).data.tags["code_version"]
-        if version == reference:
-            return proc
-        reference = version
-    pytest.skip("sngp_models/tasks code kept changing during the test run; cache hits cannot be expected")
+    """One SNGP setting changed (another value if the code changed meanwhile: everything then rightly
+    retrains under the new code_version, and the other methods are cached by the next try)."""
+    bounds = ("0.5", "0.6")
+    tries = [(f"rerun with sngp.spec_norm_bound={b}", ["--set", f"sngp.spec_norm_bound={b}"]) for b in bounds]
+    proc, index = _rerun_on_the_same_code(workdir, reader, warm_run, tries)
+    proc.bound = bounds[index]
+    return proc
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,8 +172,13 @@ mlflow.set_tracking_uri(sys.argv[1])
 x = pd.DataFrame({"x0": [0.0, 1.0, 2.5, -1.0, 0.5], "x1": [0.0, -0.5, -1.75, 1.0, 0.25]})
 out = {}
 for uri in sys.argv[2:]:
-    pred = mlflow.pyfunc.load_model(uri).predict(x)
-    out[uri] = {"columns": list(pred.columns), "values": pred.to_numpy().tolist()}
+    model = mlflow.pyfunc.load_model(uri)
+    pred = model.predict(x)
+    out[uri] = {
+        "columns": list(pred.columns),
+        "values": pred.to_numpy().tolist(),
+        "threshold": model.unwrap_python_model().abstention.threshold,
+    }
 print("RESULT " + json.dumps(out))
 """
 
@@ -187,15 +200,21 @@ def test_pyfunc_models_predict_in_fresh_process(first_run, reader, tmp_path):
     results = json.loads(line.removeprefix("RESULT "))
     for method, uri in uris.items():
         result = results[uri]
-        assert result["columns"] == ["prob_0", "prob_1", "uncertainty"], (method, result["columns"])
+        columns = result["columns"]
+        assert columns == ["predicted", "prob_0", "prob_1", "uncertainty", "abstain"], (method, columns)
         assert len(result["values"]) == 5
-        for p0, p1, unc in result["values"]:
+        for predicted, p0, p1, unc, abstain in result["values"]:
+            assert predicted == ("0" if p0 >= p1 else "1"), (method, predicted, p0, p1)
             assert 0 <= p0 <= 1 and 0 <= p1 <= 1
             assert abs(p0 + p1 - 1) < 1e-5, (method, p0, p1)
             assert abs(unc - (1 - p0**2 - p1**2) / 2) < 1e-4, (method, p0, p1, unc)
+            assert abstain is (unc > result["threshold"]), (method, unc, result["threshold"], abstain)
     assert results[runs_uri] == results[uris["sngp"]]
-    # Row 2 is the OOD cluster's centre: SNGP is uncertain there, the deterministic net is not.
-    assert results[uris["sngp"]]["values"][2][2] > results[uris["deterministic"]]["values"][2][2]
+    # Row 2 is the OOD cluster's centre: SNGP is uncertain there (column 3) and abstains (column 4), the
+    # deterministic net is not.
+    sngp_row = results[uris["sngp"]]["values"][2]
+    assert sngp_row[3] > results[uris["deterministic"]]["values"][2][3]
+    assert sngp_row[4] is True, (sngp_row, results[uris["sngp"]]["threshold"])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Fixtures of the reliability battery. The expensive things happen once per session and are shared:
 
-- `stack`: the servers `sngp serve` starts (flows.ops.stack.Services with its defaults: Prefect + MLflow on
-  127.0.0.1, SQLite), started in a background thread as soon as the session begins;
+- `stack`: the servers `sngp serve` starts (flows.ops.stack.Services, no worker: Prefect + MLflow on
+  127.0.0.1, SQLite), started in a background thread as soon as the session begins (support.stack);
 - `smoke_run`: one `sngp run` of the smoke config with all five methods (fresh cache, local SQLite store);
 - `concurrent_sqlite`: four identical smoke runs at once against the MLflow server, sharing one cache;
 - `pyfunc_report`: a fresh process that loads every logged model, compares its predictions with what
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from support.cli import SMOKE, SngpProcess, run_sngp, sngp_env
 from support.records import ALL_METHODS, all_runs, children, client, logged_models, sqlite_uri
+from support.stack import BackgroundServices
 
 SMOKE_ALL = ["run", "--config", str(SMOKE), "--set", f"methods=[{','.join(ALL_METHODS)}]"]
 HERE = Path(__file__).resolve().parent
@@ -34,53 +35,9 @@ BIG_ROWS = 10_000_000
 # The served stack
 
 
-class _Stack:
-    """flows.ops.stack.Services (no worker) started from a thread that lives until teardown (Linux ties the
-    children's parent-death signal to the starting thread), so start-up overlaps the first tests."""
-
-    def __init__(self, data_dir: Path):
-        from support.pgcluster import free_port
-
-        from flows.ops.stack import Services
-
-        prefect_port = free_port()
-        mlflow_port = free_port()
-        while mlflow_port == prefect_port:
-            mlflow_port = free_port()
-        self.services = Services(
-            data_dir, prefect_port=prefect_port, mlflow_port=mlflow_port, worker=False, timeout=400
-        )
-        self.error: BaseException | None = None
-        self._ready, self._stop = threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reliability-stack", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.services.start()
-        except BaseException as exc:  # noqa: BLE001 - reported by wait()
-            self.error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._stop.wait()
-        self.services.stop()
-
-    def wait(self, timeout: float = 450):
-        if not self._ready.wait(timeout):
-            pytest.fail(f"the Prefect/MLflow servers did not come up within {timeout:.0f} s")
-        if self.error is not None:
-            raise self.error
-        return self.services
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _stack_starter(tmp_path_factory):
-    stack = _Stack(tmp_path_factory.mktemp("stack"))
+    stack = BackgroundServices(tmp_path_factory.mktemp("stack"), worker=False, timeout=400)
     yield stack
     stack.close()
 
@@ -121,6 +78,16 @@ class Run:
         return found[0]
 
 
+def wait_all(procs: list[SngpProcess], timeout: float) -> None:
+    """Wait for every process to end (each within `timeout` s); none is left running, even on failure."""
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs:
+            proc.cleanup()
+
+
 @pytest.fixture(scope="session")
 def smoke_run(stack, tmp_path_factory) -> Run:
     """The smoke config with all five methods, a fresh cache and the default local SQLite store."""
@@ -147,12 +114,7 @@ def concurrent_sqlite(stack, tmp_path_factory) -> list[Run]:
             extra["MLFLOW_TRACKING_URI"] = stack.mlflow_url
         procs.append(SngpProcess(args, workdir, sngp_env(workdir, stack.prefect_api_url, **extra)))
     started = time.monotonic()
-    try:
-        for proc in procs:
-            proc.wait(timeout=1200)
-    finally:
-        for proc in procs:
-            proc.cleanup()
+    wait_all(procs, timeout=1200)
     print(
         f"\n[reliability] 4 concurrent smoke runs (MLflow server, SQLite): {time.monotonic() - started:.1f} s"
     )

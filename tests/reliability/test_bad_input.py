@@ -10,12 +10,13 @@ all). Each case is one test id, so pytest's counts are the battery's counts.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 
 import numpy as np
 import pytest
 from support.cli import SMOKE, sngp_env
+from support.net import two_ports
+from support.pgcluster import free_port
 from support.records import client, running
 
 from flows import cli
@@ -23,16 +24,13 @@ from flows import cli
 from .probe_pyfunc import BAD_INPUTS
 
 SECRET = "hunter2-Xq9"  # a password that must never be printed
+DEAD = free_port()  # a loopback port nobody listens on (bound and released)
 
 
-def _dead_port() -> int:
-    """A loopback port nobody listens on (bound and released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _serve(*args: str, data_dir: str = "stack") -> list[str]:
+    """`serve` on two free ports (the test fills in {P1} and {P2}) with ARGS."""
+    return ["serve", "--data-dir", data_dir, "--prefect-port", "{P1}", "--mlflow-port", "{P2}", *args]
 
-
-DEAD = _dead_port()
 
 # name -> (argv, words the one error line must contain). The case's tmp dir holds files named here.
 CLI_CASES = {
@@ -113,36 +111,13 @@ CLI_CASES = {
         ["serve", "--data-dir", "stack", "--prefect-port", "abc"],
         ["--prefect-port", "int"],
     ),
-    "serve-data-dir-file": (
-        ["serve", "--data-dir", "empty.yaml", "--prefect-port", "{P1}", "--mlflow-port", "{P2}"],
-        ["exists and is not a directory"],
-    ),
+    "serve-data-dir-file": (_serve(data_dir="empty.yaml"), ["exists and is not a directory"]),
     "serve-db-not-postgres": (
-        [
-            "serve",
-            "--data-dir",
-            "stack",
-            "--prefect-port",
-            "{P1}",
-            "--mlflow-port",
-            "{P2}",
-            "--db",
-            f"mysql://u:{SECRET}@db.example/mlflow",
-        ],
+        _serve("--db", f"mysql://u:{SECRET}@db.example/mlflow"),
         ["PostgreSQL URL", "u:***@"],
     ),
     "serve-db-unreachable": (
-        [
-            "serve",
-            "--data-dir",
-            "stack",
-            "--prefect-port",
-            "{P1}",
-            "--mlflow-port",
-            "{P2}",
-            "--db",
-            f"postgresql://u:{SECRET}@127.0.0.1:{DEAD}/mlflow",
-        ],
+        _serve("--db", f"postgresql://u:{SECRET}@127.0.0.1:{DEAD}/mlflow"),
         ["cannot connect", "u:***@127.0.0.1"],
     ),
 }
@@ -187,19 +162,10 @@ def in_tmp(tmp_path, monkeypatch):
     os.environ.update(saved)
 
 
-def _free_ports() -> tuple[str, str]:
-    from support.pgcluster import free_port
-
-    first, second = free_port(), free_port()
-    while second == first:
-        second = free_port()
-    return str(first), str(second)
-
-
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_bad_input(case, in_tmp, capsys):
     argv, expected = CLI_CASES[case]
-    p1, p2 = _free_ports()
+    p1, p2 = (str(port) for port in two_ports())
     argv = [a.replace("{P1}", p1).replace("{P2}", p2) for a in argv]
     try:
         code = cli.main(argv)
@@ -352,7 +318,7 @@ def test_pyfunc_bad_input(case, pyfunc_report):
 def test_pyfunc_predicts_ten_million_rows_in_bounded_memory(pyfunc_report):
     big = pyfunc_report["big"]
     assert big["output_rows"] == big["rows"] == 10_000_000
-    assert big["output_columns"] == ["prob_0", "prob_1", "uncertainty"]
+    assert big["output_columns"] == ["predicted", "prob_0", "prob_1", "uncertainty", "abstain"]
     assert big["finite"] and big["row_sum_error"] < 1e-5
     growth = big["peak"] - big["rss_before"]
     print(

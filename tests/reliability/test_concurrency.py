@@ -15,15 +15,15 @@ import re
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from support.cli import SngpProcess, sngp_env
+from support.net import http_bytes
 from support.records import ALL_METHODS, check_complete_record, client, comparable_metrics, running
 
-from .conftest import SMOKE_ALL, Run
+from .conftest import SMOKE_ALL, Run, wait_all
 
 TRAINED = ("deterministic", "sngp", "deep_ensemble", "exact_gp")  # mc_dropout reuses the deterministic net
 LOCKED_DB = re.compile(r"database is locked|OperationalError", re.IGNORECASE)
@@ -117,10 +117,8 @@ def postgres_mlflow(tmp_path_factory):
         deadline = time.monotonic() + 300
         while True:
             try:
-                with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                    f"{url}/health", timeout=2
-                ):
-                    break
+                http_bytes(f"{url}/health", timeout=2)
+                break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(
@@ -149,12 +147,7 @@ def test_four_concurrent_runs_postgresql_each_complete(postgres_mlflow, concurre
         workdir = tmp_path / f"run{i}"
         env = sngp_env(workdir, stack.prefect_api_url, SNGP_CACHE_DIR=str(cache), MLFLOW_TRACKING_URI=url)
         procs.append(SngpProcess(SMOKE_ALL, workdir, env))
-    try:
-        for proc in procs:
-            proc.wait(timeout=900)
-    finally:
-        for proc in procs:
-            proc.cleanup()
+    wait_all(procs, timeout=900)
     runs = [Run(p, p.cwd, url, cache) for p in procs]
     for run in runs:
         assert run.proc.returncode == 0, run.proc.describe()

@@ -15,32 +15,26 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
-import threading
 import time
 import urllib.parse
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import clean_server_env
-from support.pgcluster import PostgresUnavailable, find_bindir, free_port, pg_cluster
+from support.cli import PNG_MAGIC, SMOKE, SNGP, clean_server_env, describe
+from support.net import http_bytes, http_json, port_free
+from support.pgcluster import PostgresUnavailable, find_bindir, pg_cluster
+from support.stack import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-SNGP, PREFECT = BIN / "sngp", BIN / "prefect"
-SMOKE = ROOT / "conf" / "smoke.yaml"
+PREFECT = SNGP.parent / "prefect"
 METHODS = ("deterministic", "sngp", "mc_dropout", "deep_ensemble")
 METRICS = (
     "train_accuracy", "test_accuracy", "nll", "brier", "ece", "ood_mean_max_prob", "ood_auroc", "ood_aupr",
     "ood_fpr95", "grid_mean_uncertainty", "train_seconds", "inference_seconds",
 )  # fmt: skip
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 POOL = "sngp-pool"
 DEPLOYMENTS = (
     "uncertainty-pipeline/default",
@@ -50,132 +44,25 @@ DEPLOYMENTS = (
 )
 REGISTERED = "sngp-uncertainty-sngp"  # <retrain.registry_prefix>-<method>
 START_TIMEOUT = 300.0
-RUN_TIMEOUT = 900.0
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # --------------------------------------------------------------------------------------------------
-# Processes
+# The served stack
 
 
-def _run(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float = RUN_TIMEOUT):
-    started = time.monotonic()
-    proc = subprocess.run(
-        [str(a) for a in argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+def served(root: Path, cache_dir: Path, *args: str) -> ServeProcess:
+    """`sngp serve --data-dir ROOT/data ... ARGS` (not started yet), run from ROOT/worker-cwd, the test's
+    client commands from ROOT/client. The worker gets SNGP_CACHE_DIR and 2 s polling through serve's
+    environment (serve passes its environment on to the worker)."""
+    return ServeProcess(
+        root / "data",
+        *args,
+        env=clean_server_env(SNGP_CACHE_DIR=str(cache_dir), PREFECT_WORKER_QUERY_SECONDS="2"),
+        cwd=root / "worker-cwd",
+        timeout=START_TIMEOUT,
+        client_dir=root / "client",
+        cache_dir=cache_dir,
     )
-    proc.seconds = time.monotonic() - started
-    return proc
-
-
-def _describe(proc) -> str:
-    return (
-        f"{' '.join(proc.args)}\nexit {proc.returncode} after {proc.seconds:.1f} s\n"
-        f"--- stdout (tail) ---\n{proc.stdout[-4000:]}\n--- stderr (tail) ---\n{proc.stderr[-6000:]}"
-    )
-
-
-def _two_ports() -> tuple[int, int]:
-    first, second = free_port(), free_port()
-    while second == first:
-        second = free_port()
-    return first, second
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-class Stack:
-    """`sngp serve --data-dir DIR --prefect-port P --mlflow-port Q [ARGS]` as a subprocess; restartable
-    on the same directory and ports. The worker gets SNGP_CACHE_DIR and 2 s polling through serve's
-    environment (serve passes its environment on to the worker); its working directory is `worker_cwd`.
-    """
-
-    def __init__(self, root: Path, cache_dir: Path, *args: str):
-        self.root = root
-        self.data_dir = root / "data"
-        self.worker_cwd = root / "worker-cwd"  # where `sngp serve` (and so the worker) runs
-        self.client_dir = root / "client"  # cwd and PREFECT_HOME of the test's own client commands
-        for path in (self.worker_cwd, self.client_dir):
-            path.mkdir(parents=True, exist_ok=True)
-        self.cache_dir = cache_dir
-        self.args = args
-        self.prefect_port, self.mlflow_port = _two_ports()
-        self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
-
-    @property
-    def prefect_api(self) -> str:
-        return f"http://127.0.0.1:{self.prefect_port}/api"
-
-    @property
-    def mlflow_url(self) -> str:
-        return f"http://127.0.0.1:{self.mlflow_port}"
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def client_env(self, *, mlflow: bool = True, **extra: str) -> dict[str, str]:
-        env = clean_server_env(
-            PREFECT_API_URL=self.prefect_api,
-            PREFECT_HOME=str(self.client_dir / "prefect-home"),
-            SNGP_CACHE_DIR=str(self.cache_dir),
-            **extra,
-        )
-        if mlflow:
-            env["MLFLOW_TRACKING_URI"] = self.mlflow_url
-        return env
-
-    def start(self) -> float:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.lines = []
-        ready = threading.Event()
-        argv = [
-            str(SNGP), "serve", "--data-dir", str(self.data_dir), "--prefect-port", str(self.prefect_port),
-            "--mlflow-port", str(self.mlflow_port), "--timeout", str(START_TIMEOUT), *self.args,
-        ]  # fmt: skip
-        env = clean_server_env(SNGP_CACHE_DIR=str(self.cache_dir), PREFECT_WORKER_QUERY_SECONDS="2")
-        started = time.monotonic()
-        self.proc = subprocess.Popen(
-            argv, cwd=self.worker_cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-
-        def read(stream) -> None:
-            for line in stream:
-                self.lines.append(line)
-                if line.startswith("Press Ctrl-C"):
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, args=(self.proc.stdout,), daemon=True).start()
-        if not ready.wait(START_TIMEOUT + 30) or self.proc.poll() is not None:
-            self.stop()
-            pytest.fail(f"sngp serve did not come up:\n{self.output}")
-        exports = f"  export PREFECT_API_URL={self.prefect_api} MLFLOW_TRACKING_URI={self.mlflow_url}\n"
-        assert exports in self.output, self.output
-        return time.monotonic() - started
-
-    def stop(self) -> tuple[int | None, float]:
-        """SIGTERM (serve stops the worker, then both servers); (exit code, seconds). Idempotent."""
-        if self.proc is None or self.proc.poll() is not None:
-            return (self.proc.returncode if self.proc else None), 0.0
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
-            code = self.proc.wait()
-        return code, time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
@@ -187,26 +74,15 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, cache_dir):
     """One `sngp serve` on SQLite for tests 1-3 (test 3 restarts it)."""
-    served = Stack(tmp_path_factory.mktemp("served"), cache_dir)
-    seconds = served.start()
+    serve = served(tmp_path_factory.mktemp("served"), cache_dir)
+    seconds = serve.start()
     print(f"\n[deployments] sngp serve up in {seconds:.1f} s")
-    yield served
-    served.stop()
+    yield serve
+    serve.cleanup()
 
 
 # --------------------------------------------------------------------------------------------------
 # REST
-
-
-def _http(url: str, body: dict | None = None, timeout: float = 60) -> bytes:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with _NO_PROXY.open(request, timeout=timeout) as response:
-        return response.read()
-
-
-def _json(url: str, body: dict | None = None):
-    return json.loads(_http(url, body))
 
 
 def _mlflow(base: str, endpoint: str, body: dict | None = None, **query: str):
@@ -214,7 +90,7 @@ def _mlflow(base: str, endpoint: str, body: dict | None = None, **query: str):
     url = f"{base}/api/2.0/mlflow/{endpoint}"
     if query:
         url += "?" + urllib.parse.urlencode(query)
-    return _json(url, body)
+    return http_json(url, body)
 
 
 def _kv(items: list[dict] | None) -> dict[str, str]:
@@ -252,11 +128,13 @@ def _proxied(base: str, artifact_uri: str, path: str) -> str:
 
 def _proxied_listing(base: str, artifact_uri: str) -> set[str]:
     query = urllib.parse.urlencode({"path": _proxied_location(artifact_uri)})
-    return {f["path"] for f in _json(f"{base}/api/2.0/mlflow-artifacts/artifacts?{query}").get("files", [])}
+    return {
+        f["path"] for f in http_json(f"{base}/api/2.0/mlflow-artifacts/artifacts?{query}").get("files", [])
+    }
 
 
 def _download_png(base: str, run: dict, path: str) -> bytes:
-    content = _http(_proxied(base, run["info"]["artifact_uri"], path))
+    content = http_bytes(_proxied(base, run["info"]["artifact_uri"], path))
     name = run["info"]["run_name"]
     assert content.startswith(PNG_MAGIC) and len(content) > 1000, (name, path, len(content))
     return content
@@ -332,48 +210,44 @@ def _far_cron() -> str:
     return f"17 {(datetime.now(UTC).hour + 12) % 24} * * *"
 
 
-def deploy(stack: Stack, cron: str):
-    proc = _run(
-        ["make", "-C", str(ROOT), "deploy"],
-        env=stack.client_env(mlflow=False, SNGP_RETRAIN_CRON=cron),
-        cwd=stack.client_dir,
-        timeout=600,
+def deploy(stack: ServeProcess, cron: str):
+    proc = stack.run(
+        ["make", "-C", ROOT, "deploy"], stack.client_env(mlflow=False, SNGP_RETRAIN_CRON=cron), timeout=600
     )
-    assert proc.returncode == 0, _describe(proc)
+    assert proc.returncode == 0, describe(proc)
     for name in DEPLOYMENTS:
-        assert f"Deployment '{name}' successfully" in proc.stdout, _describe(proc)
+        assert f"Deployment '{name}' successfully" in proc.stdout, describe(proc)
     return proc
 
 
-def run_smoke_deployment(stack: Stack):
+def run_smoke_deployment(stack: ServeProcess):
     """`prefect deployment run 'uncertainty-pipeline/smoke' --watch`; the served worker executes it.
     The client has no MLFLOW_TRACKING_URI: the worker's environment decides where the record goes."""
     repo_store = ROOT / "mlflow.db"
     existed = repo_store.exists()
-    proc = _run(
+    proc = stack.run(
         [PREFECT, "deployment", "run", "uncertainty-pipeline/smoke", "--watch"],
-        env=stack.client_env(mlflow=False),
-        cwd=stack.client_dir,
+        stack.client_env(mlflow=False),
     )
-    assert proc.returncode == 0, _describe(proc) + "\n--- worker log ---\n" + _worker_log(stack)
+    assert proc.returncode == 0, describe(proc) + "\n--- worker log ---\n" + _worker_log(stack)
     match = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
-    assert match, _describe(proc)
+    assert match, describe(proc)
     proc.flow_run_id = match.group(1)
     proc.repo_store_existed = existed
     return proc
 
 
-def _worker_log(stack: Stack) -> str:
+def _worker_log(stack: ServeProcess) -> str:
     try:
         return (stack.data_dir / "logs" / "worker.log").read_text(errors="replace")[-6000:]
     except OSError:
         return "(no worker log)"
 
 
-def _assert_recorded_on_server_only(stack: Stack, smoke) -> None:
+def _assert_recorded_on_server_only(stack: ServeProcess, smoke) -> None:
     """The flow run wrote to the MLflow server: no mlflow.db in the worker's cwd, none of its runs in
     the repo's (a developer's own `sngp run` may have created one there meanwhile)."""
-    assert not (stack.worker_cwd / "mlflow.db").exists()
+    assert not (stack.cwd / "mlflow.db").exists()
     assert not (stack.client_dir / "mlflow.db").exists()
     repo_store = ROOT / "mlflow.db"
     if repo_store.exists() and not smoke.repo_store_existed:
@@ -381,18 +255,18 @@ def _assert_recorded_on_server_only(stack: Stack, smoke) -> None:
     assert _stray_runs(repo_store, smoke.flow_run_id) == [], f"the flow run wrote to {repo_store}"
 
 
-def _flow_run(stack: Stack, flow_run_id: str) -> dict:
-    return _json(f"{stack.prefect_api}/flow_runs/{flow_run_id}")
+def _flow_run(stack: ServeProcess, flow_run_id: str) -> dict:
+    return http_json(f"{stack.prefect_api}/flow_runs/{flow_run_id}")
 
 
-def _deployment(stack: Stack, name: str) -> dict:
-    return _json(f"{stack.prefect_api}/deployments/name/{name}")
+def _deployment(stack: ServeProcess, name: str) -> dict:
+    return http_json(f"{stack.prefect_api}/deployments/name/{name}")
 
 
 @pytest.fixture(scope="module")
 def deployed(stack):
     cron = _far_cron()
-    assert _json(f"{stack.prefect_api}/work_pools/{POOL}")["type"] == "process"  # serve already made it
+    assert http_json(f"{stack.prefect_api}/work_pools/{POOL}")["type"] == "process"  # serve already made it
     proc = deploy(stack, cron)
     print(f"[deployments] make deploy (work pool already there): {proc.seconds:.1f} s")
     return cron
@@ -419,8 +293,8 @@ def retrained(stack):
         ]  # fmt: skip
         if epochs is not None:
             argv += ["--set", f"training.epochs={epochs}"]
-        proc = _run(argv, env=stack.client_env(mlflow=False), cwd=stack.client_dir)
-        assert proc.returncode == 0, _describe(proc)
+        proc = stack.run(argv, stack.client_env(mlflow=False))
+        assert proc.returncode == 0, describe(proc)
         champion = _mlflow(stack.mlflow_url, "registered-models/alias", name=REGISTERED, alias="champion")
         versions = _mlflow(
             stack.mlflow_url, "model-versions/search", filter=f"name = '{REGISTERED}'", max_results="100"
@@ -464,10 +338,8 @@ def test_smoke_deployment_runs_on_the_worker_and_records_to_the_mlflow_server(st
 
 
 def test_nightly_deployment_has_the_cron_schedule(stack, deployed):
-    proc = _run(
-        [PREFECT, "deployment", "inspect", "retrain/nightly"], env=stack.client_env(), cwd=stack.client_dir
-    )
-    assert proc.returncode == 0, _describe(proc)
+    proc = stack.run([PREFECT, "deployment", "inspect", "retrain/nightly"])
+    assert proc.returncode == 0, describe(proc)
     assert f"'cron': '{deployed}'" in proc.stdout and "'timezone': 'UTC'" in proc.stdout, proc.stdout
     nightly = _deployment(stack, "retrain/nightly")
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == [deployed]
@@ -486,7 +358,7 @@ def test_nightly_deployment_has_the_cron_schedule(stack, deployed):
 
 def test_retrain_promotes_only_candidates_that_are_not_worse(stack, retrained, tmp_path):
     first, worse, better = retrained
-    assert f"{REGISTERED} v1: PROMOTED to champion" in first["proc"].stdout, _describe(first["proc"])
+    assert f"{REGISTERED} v1: PROMOTED to champion" in first["proc"].stdout, describe(first["proc"])
     assert (first["version"], first["champion"]) == ("1", "1")
     assert "promoted" in first["tags"] and "rejected" not in first["tags"]
 
@@ -502,7 +374,7 @@ def test_retrain_promotes_only_candidates_that_are_not_worse(stack, retrained, t
 
     # The three flow runs are on the Prefect server (the nightly deployment's own runs are SCHEDULED).
     adhoc = {"flows": {"name": {"any_": ["retrain"]}}, "flow_runs": {"deployment_id": {"is_null_": True}}}
-    runs = _json(f"{stack.prefect_api}/flow_runs/filter", adhoc)
+    runs = http_json(f"{stack.prefect_api}/flow_runs/filter", adhoc)
     assert sorted(r["state"]["type"] for r in runs) == ["COMPLETED"] * 3
     assert not (stack.client_dir / "mlflow.db").exists()  # --tracking-uri was used, not a local store
 
@@ -514,13 +386,14 @@ def test_retrain_promotes_only_candidates_that_are_not_worse(stack, retrained, t
         "print('RESULT', json.dumps({'model_id': model.metadata.model_id, 'columns': list(out.columns),"
         " 'rows': out.to_numpy().tolist()}))\n"
     )
-    proc = _run([sys.executable, "-c", script], env=stack.client_env(), cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, _describe(proc)
+    proc = stack.run([sys.executable, "-c", script], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, describe(proc)
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    assert result["columns"] == ["prob_0", "prob_1", "uncertainty"]
+    assert result["columns"] == ["predicted", "prob_0", "prob_1", "uncertainty"]
     assert better["source"] == f"models:/{result['model_id']}"
-    for p0, p1, uncertainty in result["rows"]:
+    for predicted, p0, p1, uncertainty in result["rows"]:
         assert abs(p0 + p1 - 1) < 1e-5 and 0 <= uncertainty <= 0.5
+        assert predicted == ("0" if p0 >= p1 else "1")  # the class name of the larger probability
     print(f"[deployments] champion loaded and predicted in a fresh process: {proc.seconds:.1f} s")
 
 
@@ -528,7 +401,7 @@ def test_retrain_promotes_only_candidates_that_are_not_worse(stack, retrained, t
 # 3. Restart on the same data directory keeps everything
 
 
-def _snapshot(stack: Stack) -> dict:
+def _snapshot(stack: ServeProcess) -> dict:
     base = stack.mlflow_url
     experiments = _mlflow(base, "experiments/search", {"max_results": 1000})["experiments"]
     runs = _search_runs(base, [e["experiment_id"] for e in experiments])
@@ -542,11 +415,11 @@ def _snapshot(stack: Stack) -> dict:
             "versions": sorted((v["version"], v["status"], json.dumps(_kv(v.get("tags")))) for v in versions),
         }
     deployments = []
-    for d in _json(f"{stack.prefect_api}/deployments/filter", {}):
-        flow = _json(f"{stack.prefect_api}/flows/{d['flow_id']}")["name"]
+    for d in http_json(f"{stack.prefect_api}/deployments/filter", {}):
+        flow = http_json(f"{stack.prefect_api}/flows/{d['flow_id']}")["name"]
         crons = [s["schedule"].get("cron") for s in d["schedules"]]
         deployments.append((f"{flow}/{d['name']}", d["id"], d["work_pool_name"], json.dumps(crons)))
-    pool = _json(f"{stack.prefect_api}/work_pools/{POOL}")
+    pool = http_json(f"{stack.prefect_api}/work_pools/{POOL}")
     return {
         "experiments": sorted(e["name"] for e in experiments),
         "runs": sorted((r["info"]["run_id"], r["info"]["status"]) for r in runs),
@@ -567,12 +440,12 @@ def test_restart_on_the_same_data_dir_keeps_runs_models_deployments_and_pool(
 
     code, stop_seconds = stack.stop()
     assert code == 0, stack.output
-    assert _port_free(stack.prefect_port) and _port_free(stack.mlflow_port)
+    assert port_free(stack.prefect_port) and port_free(stack.mlflow_port)
     start_seconds = stack.start()
 
     after = _snapshot(stack)
     assert after == before
-    workers = _json(f"{stack.prefect_api}/work_pools/{POOL}/workers/filter", {})
+    workers = http_json(f"{stack.prefect_api}/work_pools/{POOL}/workers/filter", {})
     assert [w["status"] for w in workers if w["name"] == "sngp-serve-worker"] == ["ONLINE"]
     check_pipeline_record(stack.mlflow_url, smoke_run.flow_run_id)  # artefacts still served
     print(f"[deployments] stop {stop_seconds:.1f} s, restart {start_seconds:.1f} s: everything still there")
@@ -591,7 +464,7 @@ def test_smoke_deployment_end_to_end_on_postgresql(tmp_path, cache_dir):
         pytest.skip(f"PostgreSQL server binaries are not installed ({exc})")
     with pg_cluster() as pg:
         mlflow_db, prefect_db = pg.create_database("mlflow"), pg.create_database("prefect")
-        stack = Stack(tmp_path, cache_dir, "--db", mlflow_db, "--prefect-db", prefect_db)
+        stack = served(tmp_path, cache_dir, "--db", mlflow_db, "--prefect-db", prefect_db)
         try:
             seconds = stack.start()
             assert f"MLflow store: postgresql://sngp:***@127.0.0.1:{pg.port}/mlflow" in stack.output

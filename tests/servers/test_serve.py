@@ -9,21 +9,18 @@ are never shown. docker/compose.yaml is checked to start the same commands.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from support.cli import clean_server_env
+from support.net import http_bytes, http_json, port_free, two_ports
 from support.pgcluster import PgCluster, PostgresUnavailable, free_port
+from support.stack import ServeProcess, alive, children_of, cmdline, serve_processes, use_server_env
 
 from flows.ops import commands
 from flows.ops.databases import PostgresURLs
@@ -31,170 +28,22 @@ from flows.ops.errors import ServiceError
 from flows.ops.stack import Services, start_services
 
 ROOT = Path(__file__).resolve().parents[2]
-SNGP = Path(sys.executable).parent / "sngp"  # the venv's console script
-STARTUP_TIMEOUT = 180.0
 STOP_WITHIN = 15.0
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """A clean environment for `sngp serve`: no client/server URLs inherited from the developer's shell."""
-    drop = {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SNGP_DB_URL", "SNGP_PREFECT_DB_URL"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", **extra)
-    return env
-
-
-def _get(url: str, body: dict | None = None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with _NO_PROXY.open(request, timeout=10) as response:
-        text = response.read().decode()
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _two_ports() -> tuple[int, int]:
-    first = free_port()
-    second = free_port()
-    while second == first:
-        second = free_port()
-    return first, second
-
-
-def _children_of(root: int) -> dict[int, str]:
-    """{pid: command line} of every live descendant of `root` (from /proc)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in found:
-                found[pid] = _cmdline(pid)
-                frontier.append(pid)
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _ours(ports: tuple[int, ...]) -> dict[int, str]:
     """Children of this (pytest) process serving on `ports`."""
     return {
-        pid: cmd for pid, cmd in _children_of(os.getpid()).items() if any(str(port) in cmd for port in ports)
+        pid: cmd for pid, cmd in children_of(os.getpid()).items() if any(str(port) in cmd for port in ports)
     }
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-class ServeProcess:
-    """`sngp serve ...` as a subprocess, its output collected line by line."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
-        self.args = args
-        self.proc = subprocess.Popen(
-            [str(SNGP), "serve", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=env or _env(),
-        )
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith("Press Ctrl-C"):
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> tuple[str, str]:
-        """(PREFECT_API_URL, MLFLOW_TRACKING_URI) from the printed export line."""
-        started = time.monotonic()
-        if not self._ready.wait(timeout) or self.proc.poll() is not None:
-            pytest.fail(f"sngp serve did not come up within {timeout:.0f} s:\n{self.output}")
-        match = re.search(r"^  export PREFECT_API_URL=(\S+) MLFLOW_TRACKING_URI=(\S+)$", self.output, re.M)
-        assert match, self.output
-        self.startup_seconds = time.monotonic() - started
-        return match.group(1), match.group(2)
-
-    def terminate(self, timeout: float = STOP_WITHIN) -> tuple[int, float, dict[int, str]]:
-        """SIGTERM; (exit code, seconds until exit, children that were running before)."""
-        children = _children_of(self.proc.pid)
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"sngp serve still running {timeout:.0f} s after SIGTERM:\n{self.output}")
-        self._reader.join(timeout=5)
-        return code, time.monotonic() - started, children
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            children = _children_of(self.proc.pid)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=25)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            for pid in children:
-                if _alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture
-def serve():
-    """Factory: serve(*args, env=...) -> ServeProcess; anything still running is stopped afterwards."""
-    started: list[ServeProcess] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
-        process = ServeProcess(*args, env=env)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.cleanup()
+def serve(tmp_path):
+    """Factory: serve(*args, env=...) -> a launched ServeProcess (`sngp serve --data-dir tmp_path/stack` on
+    free ports, .prefect_port and .mlflow_port); anything still running is stopped afterwards."""
+    with serve_processes(tmp_path / "stack") as launch:
+        yield launch
 
 
 @pytest.fixture
@@ -220,12 +69,12 @@ def _log_run(tracking_uri: str, experiment: str) -> str:
 
 def _assert_all_stopped(children: dict[int, str], ports: tuple[int, ...]) -> None:
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = {pid: cmd for pid, cmd in children.items() if _alive(pid)}
+    left = {pid: cmd for pid, cmd in children.items() if alive(pid)}
     assert not left, f"still running after sngp serve exited: {left}"
     for port in ports:
-        assert _port_free(port), f"port {port} still in use"
+        assert port_free(port), f"port {port} still in use"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,25 +82,23 @@ def _assert_all_stopped(children: dict[int, str], ports: tuple[int, ...]) -> Non
 
 def test_serve_lifecycle_sqlite_and_restart_keeps_data(tmp_path, serve, mlflow_client_env, monkeypatch):
     data = tmp_path / "stack"
-    prefect_port, mlflow_port = _two_ports()
+    first = serve()
+    prefect_port, mlflow_port = first.prefect_port, first.mlflow_port
     ports_used = (prefect_port, mlflow_port)
-    first = serve(
-        "--data-dir", str(data), "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)
-    )
     prefect_api, tracking_uri = first.wait_ready()
     assert prefect_api == f"http://127.0.0.1:{prefect_port}/api"
     assert tracking_uri == f"http://127.0.0.1:{mlflow_port}"
     assert f"Prefect UI:   http://127.0.0.1:{prefect_port}\n" in first.output
     assert f"http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in first.output
 
-    assert _get(f"{prefect_api}/health") is True
-    assert _get(f"{tracking_uri}/health") == "OK"
+    assert http_json(f"{prefect_api}/health") is True
+    assert http_bytes(f"{tracking_uri}/health") == b"OK"
     # The UI must call this server's API, not the default port.
-    assert _get(f"http://127.0.0.1:{prefect_port}/ui-settings")["api_url"] == prefect_api
+    assert http_json(f"http://127.0.0.1:{prefect_port}/ui-settings")["api_url"] == prefect_api
 
-    pool = _get(f"{prefect_api}/work_pools/sngp-pool")
+    pool = http_json(f"{prefect_api}/work_pools/sngp-pool")
     assert pool["type"] == "process"
-    workers = _get(f"{prefect_api}/work_pools/sngp-pool/workers/filter", body={})
+    workers = http_json(f"{prefect_api}/work_pools/sngp-pool/workers/filter", body={})
     assert [w["status"] for w in workers if w["name"] == "sngp-serve-worker"] == ["ONLINE"]
 
     run_id = _log_run(tracking_uri, "serve-check")
@@ -261,8 +108,10 @@ def test_serve_lifecycle_sqlite_and_restart_keeps_data(tmp_path, serve, mlflow_c
     for log in ("prefect-server.log", "mlflow-server.log", "work-pool.log", "worker.log"):
         assert (data / "logs" / log).stat().st_size > 0, log
 
-    code, seconds, children = first.terminate()
+    services = {role: first.service_pid(role) for role in ("prefect", "mlflow", "worker")}
+    code, seconds, children = first.terminate(STOP_WITHIN)
     assert code == 0, first.output
+    assert set(services.values()) <= set(children), (services, children)
     commands = " | ".join(children.values())
     for expected in ("prefect server start", "mlflow server", "prefect worker start"):
         assert expected in commands
@@ -272,10 +121,7 @@ def test_serve_lifecycle_sqlite_and_restart_keeps_data(tmp_path, serve, mlflow_c
 
     # Restart on the same data dir and (now free) ports, in-process through the Python API this time:
     # the run, its artifact and the work pool are still there.
-    for key, value in _env().items():
-        monkeypatch.setenv(key, value)
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(key, raising=False)
+    use_server_env(monkeypatch)
     restarted = time.monotonic()
     with start_services(data, prefect_port=prefect_port, mlflow_port=mlflow_port, worker=False) as services:
         restart_seconds = time.monotonic() - restarted
@@ -288,22 +134,17 @@ def test_serve_lifecycle_sqlite_and_restart_keeps_data(tmp_path, serve, mlflow_c
         assert run.info.status == "FINISHED"
         downloaded = client.download_artifacts(run_id, "notes/hello.txt", str(tmp_path))
         assert Path(downloaded).read_text() == "uploaded through the server"
-        assert _get(f"{services.prefect_api_url}/work_pools/sngp-pool")["type"] == "process"
+        assert http_json(f"{services.prefect_api_url}/work_pools/sngp-pool")["type"] == "process"
         assert not [cmd for cmd in _ours(ports_used).values() if "worker start" in cmd]  # worker=False
 
         # A second launcher on the same data dir is refused (other ports, so the lock is what stops it).
-        other_ports = [str(port) for port in _two_ports()]
-        result = subprocess.run(
-            [str(SNGP), "serve", "--data-dir", str(data), "--prefect-port", other_ports[0],
-             "--mlflow-port", other_ports[1]],
-            capture_output=True, text=True, env=_env(), timeout=60,
-        )  # fmt: skip
+        result = ServeProcess(data).run_to_exit()
         assert result.returncode == 2
         assert "another `sngp serve` is already running on --data-dir" in result.stderr
     stop_seconds = services.stop()  # already stopped by the context manager: idempotent
     assert stop_seconds < 1
     assert not _ours(ports_used)
-    assert _port_free(prefect_port) and _port_free(mlflow_port)
+    assert port_free(prefect_port) and port_free(mlflow_port)
     print(
         f"\nfirst start {first.startup_seconds:.1f} s, stop {seconds:.1f} s, restart {restart_seconds:.1f} s"
     )
@@ -311,17 +152,13 @@ def test_serve_lifecycle_sqlite_and_restart_keeps_data(tmp_path, serve, mlflow_c
 
 @pytest.mark.parametrize("busy", ["--prefect-port", "--mlflow-port"])
 def test_port_in_use_fails_fast_with_a_clear_message(tmp_path, busy):
-    prefect_port, mlflow_port = _two_ports()
-    taken = prefect_port if busy == "--prefect-port" else mlflow_port
+    serve = ServeProcess(tmp_path / "d")
+    taken = serve.prefect_port if busy == "--prefect-port" else serve.mlflow_port
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", taken))
         holder.listen()
         started = time.monotonic()
-        result = subprocess.run(
-            [str(SNGP), "serve", "--data-dir", str(tmp_path / "d"), "--prefect-port", str(prefect_port),
-             "--mlflow-port", str(mlflow_port)],
-            capture_output=True, text=True, env=_env(), timeout=60,
-        )  # fmt: skip
+        result = serve.run_to_exit()
         elapsed = time.monotonic() - started
     assert result.returncode == 2
     assert (
@@ -341,12 +178,7 @@ def test_port_in_use_fails_fast_with_a_clear_message(tmp_path, busy):
     ids=["no-workers", "negative-limit"],
 )
 def test_bad_worker_options_fail_fast(tmp_path, args, message):
-    prefect_port, mlflow_port = _two_ports()
-    result = subprocess.run(
-        [str(SNGP), "serve", "--data-dir", str(tmp_path / "d"), "--prefect-port", str(prefect_port),
-         "--mlflow-port", str(mlflow_port), *args],
-        capture_output=True, text=True, env=_env(), timeout=60,
-    )  # fmt: skip
+    result = ServeProcess(tmp_path / "d", *args).run_to_exit()
     assert result.returncode == 2
     assert result.stderr.strip() == f"sngp serve: error: {message}"
     assert not (tmp_path / "d").exists()
@@ -365,24 +197,16 @@ def test_worker_names_and_commands():
 
 
 def test_unreachable_database_fails_fast_and_hides_the_password(tmp_path):
-    prefect_port, mlflow_port = _two_ports()
     closed = free_port()
     url = f"postgresql://alice:s3cret-pw@127.0.0.1:{closed}/mlflow"
-    result = subprocess.run(
-        [str(SNGP), "serve", "--data-dir", str(tmp_path / "d"), "--prefect-port", str(prefect_port),
-         "--mlflow-port", str(mlflow_port), "--db", url],
-        capture_output=True, text=True, env=_env(), timeout=60,
-    )  # fmt: skip
+    result = ServeProcess(tmp_path / "d", "--db", url).run_to_exit()
     assert result.returncode == 2
     assert (
         f"cannot connect to the MLflow database postgresql://alice:***@127.0.0.1:{closed}/mlflow"
         in result.stderr
     )
     assert "s3cret-pw" not in result.stdout + result.stderr
-    bad = subprocess.run(
-        [str(SNGP), "serve", "--data-dir", str(tmp_path / "d"), "--db", "mysql://bob:pw@db/x"],
-        capture_output=True, text=True, env=_env(), timeout=60,
-    )  # fmt: skip
+    bad = ServeProcess(tmp_path / "d", "--db", "mysql://bob:pw@db/x").run_to_exit()
     assert bad.returncode == 2 and "--db must be a PostgreSQL URL" in bad.stderr and ":pw@" not in bad.stderr
 
 
@@ -396,22 +220,17 @@ def test_serve_on_postgres_keeps_the_password_out_of_output_logs_and_argv(tmp_pa
         mlflow_db = cluster.create_database("mlflow")
         prefect_db = cluster.create_database("prefect")
         data = tmp_path / "stack"
-        prefect_port, mlflow_port = _two_ports()
         # --db through its environment variable, --prefect-db on the command line: both paths.
-        process = serve(
-            "--data-dir", str(data), "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
-            "--prefect-db", prefect_db,
-            env=_env(SNGP_DB_URL=mlflow_db),
-        )  # fmt: skip
+        process = serve("--prefect-db", prefect_db, env=clean_server_env(SNGP_DB_URL=mlflow_db))
         prefect_api, tracking_uri = process.wait_ready()
         assert f"Prefect DB:   postgresql://sngp:***@127.0.0.1:{cluster.port}/prefect" in process.output
         assert f"MLflow store: postgresql://sngp:***@127.0.0.1:{cluster.port}/mlflow" in process.output
-        children = _children_of(process.proc.pid)
+        children = process.children()
         assert not [cmd for cmd in children.values() if cluster.password in cmd]
-        assert _cmdline(process.proc.pid).count(cluster.password) == 1  # only the --prefect-db we passed
+        assert cmdline(process.proc.pid).count(cluster.password) == 1  # only the --prefect-db we passed
 
         run_id = _log_run(tracking_uri, "serve-postgres")
-        workers = _get(f"{prefect_api}/work_pools/sngp-pool/workers/filter", body={})
+        workers = http_json(f"{prefect_api}/work_pools/sngp-pool/workers/filter", body={})
         assert [w["status"] for w in workers if w["name"] == "sngp-serve-worker"] == ["ONLINE"]
 
         import psycopg2
@@ -423,9 +242,9 @@ def test_serve_on_postgres_keeps_the_password_out_of_output_logs_and_argv(tmp_pa
             cur.execute("SELECT name, type FROM work_pool WHERE name = 'sngp-pool'")
             assert cur.fetchall() == [("sngp-pool", "process")]
 
-        code, _seconds, children = process.terminate()
+        code, _seconds, children = process.terminate(STOP_WITHIN)
         assert code == 0, process.output
-        _assert_all_stopped(children, (prefect_port, mlflow_port))
+        _assert_all_stopped(children, (process.prefect_port, process.mlflow_port))
         assert not (data / "mlflow" / "mlflow.db").exists() and not (data / "prefect" / "prefect.db").exists()
         logs = "".join(p.read_text(errors="replace") for p in (data / "logs").glob("*.log"))
         assert "Uvicorn running" in logs or "Application startup complete" in logs
@@ -437,7 +256,7 @@ def test_serve_on_postgres_keeps_the_password_out_of_output_logs_and_argv(tmp_pa
 
 def test_python_api_names_the_server_that_failed_and_cleans_up(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    prefect_port, mlflow_port = _two_ports()
+    prefect_port, mlflow_port = two_ports()
     failing = Services(tmp_path / "a", prefect_port=prefect_port, mlflow_port=mlflow_port, timeout=0.5)
     with pytest.raises(ServiceError) as error:
         failing.start()
@@ -447,7 +266,7 @@ def test_python_api_names_the_server_that_failed_and_cleans_up(tmp_path, monkeyp
     )
     assert f"last lines of {tmp_path / 'a' / 'logs' / 'prefect-server.log'}" in message
     assert not _ours((prefect_port, mlflow_port))  # the MLflow server it had started is gone too
-    assert _port_free(prefect_port) and _port_free(mlflow_port)
+    assert port_free(prefect_port) and port_free(mlflow_port)
 
 
 def test_postgres_urls_for_each_client():

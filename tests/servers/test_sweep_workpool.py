@@ -21,88 +21,46 @@ Nothing is mocked. `pytest -s` prints the wall times.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from support.cli import clean_server_env, describe
-from support.pgcluster import free_port
-from support.records import MlflowReader
+from support.cli import SNGP, describe
+from support.net import http_json, two_ports
+from support.stack import StackClient, use_server_env
 from test_sweep import N_POINTS, SWEEP, assert_same_metrics, check_complete_record, points_of
 
 from flows.ops.stack import start_services
 from tasks.sweep import FlowRunFailed, dispatch_point
 
 ROOT = Path(__file__).resolve().parents[2]
-SNGP = Path(sys.executable).parent / "sngp"
 DEPLOYMENT = "sweep-point/pool"
 WORKERS = ("sngp-serve-worker-1", "sngp-serve-worker-2")
-RUN_TIMEOUT = 900.0
 WALL_TIMES: dict[str, float] = {}
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-
-def _json(url: str, body: dict | None = None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with _NO_PROXY.open(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
-class Stack:
-    """The served stack plus the client side of the test: its working folder and Prefect home."""
+class Stack(StackClient):
+    """The served stack (`services`) and the client side of the test (its working folder and Prefect home
+    in ROOT/client), with the cache folders of its sweeps in ROOT."""
 
     def __init__(self, services, root: Path):
+        super().__init__(services.prefect_api_url, services.mlflow_url, root / "client")
         self.services = services
         self.root = root
-        self.client_dir = root / "client"
-        self.client_dir.mkdir(parents=True, exist_ok=True)
-
-    def env(self, cache: str | None = None, **extra: str) -> dict[str, str]:
-        env = clean_server_env(
-            PREFECT_API_URL=self.services.prefect_api_url,
-            MLFLOW_TRACKING_URI=self.services.mlflow_url,
-            PREFECT_HOME=str(self.client_dir / "prefect-home"),
-            **extra,
-        )
-        if cache:
-            env["SNGP_CACHE_DIR"] = str(self.cache(cache))
-        return env
 
     def cache(self, name: str) -> Path:
         return self.root / name
 
-    def run(self, argv: list, env: dict[str, str], timeout: float = RUN_TIMEOUT):
-        started = time.monotonic()
-        proc = subprocess.run(
-            [str(a) for a in argv],
-            env=env,
-            cwd=self.client_dir,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        proc.seconds = time.monotonic() - started
-        return proc
-
-    def sweep(self, cache: str, *args: str, env: dict[str, str] | None = None):
+    def sweep(self, cache: str, *args: str):
         """`sngp sweep --config conf/sweep_smoke.yaml ARGS` with the cache folder ROOT/cache."""
-        return self.run([SNGP, "sweep", "--config", SWEEP, *args], env or self.env(cache))
-
-    def reader(self) -> MlflowReader:
-        downloads = self.root / "downloads"
-        downloads.mkdir(exist_ok=True)
-        return MlflowReader(self.services.mlflow_url, downloads)
+        return self.run(
+            [SNGP, "sweep", "--config", SWEEP, *args], self.client_env(cache_dir=self.cache(cache))
+        )
 
     def flow_run(self, flow_run_id: str) -> dict:
-        return _json(f"{self.services.prefect_api_url}/flow_runs/{flow_run_id}")
+        return http_json(f"{self.prefect_api}/flow_runs/{flow_run_id}")
 
     def logs(self) -> str:
         text = ""
@@ -116,15 +74,9 @@ def stack(tmp_path_factory):
     """What `sngp serve --workers 2` starts, through its Python API (from the main thread, which
     outlives the children, as flows.ops.stack asks)."""
     root = tmp_path_factory.mktemp("sweep-workpool")
-    prefect_port = free_port()
-    mlflow_port = free_port()
-    while mlflow_port == prefect_port:
-        mlflow_port = free_port()
+    prefect_port, mlflow_port = two_ports()
     with pytest.MonkeyPatch.context() as mp:  # the workers inherit this process's environment
-        for key in list(os.environ):
-            mp.delenv(key)
-        for key, value in clean_server_env().items():
-            mp.setenv(key, value)
+        use_server_env(mp)
         started = time.monotonic()
         with start_services(
             root / "data", prefect_port=prefect_port, mlflow_port=mlflow_port, workers=2, timeout=300
@@ -136,11 +88,11 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deployed(stack):
     cron = f"17 {(datetime.now(UTC).hour + 12) % 24} * * *"  # the nightly retrain never fires meanwhile
-    proc = stack.run(["make", "-C", ROOT, "deploy"], stack.env(SNGP_RETRAIN_CRON=cron), timeout=600)
+    proc = stack.run(["make", "-C", ROOT, "deploy"], stack.client_env(SNGP_RETRAIN_CRON=cron), timeout=600)
     assert proc.returncode == 0, describe(proc)
     assert f"Deployment '{DEPLOYMENT}' successfully" in proc.stdout, describe(proc)
     print(f"[sweep-workpool] make deploy: {proc.seconds:.1f} s")
-    return _json(f"{stack.services.prefect_api_url}/deployments/name/{DEPLOYMENT}")
+    return http_json(f"{stack.prefect_api}/deployments/name/{DEPLOYMENT}")
 
 
 @pytest.fixture(scope="module")
@@ -255,11 +207,11 @@ def test_rerun_on_the_pool_is_served_from_the_cache(stack, deployed, pool_run):
     ids=["unknown-deployment", "another-flow"],
 )
 def test_a_deployment_that_cannot_run_points_is_one_line(stack, deployed, deployment, message):
-    before = _json(f"{stack.services.prefect_api_url}/flow_runs/count", {})
+    before = http_json(f"{stack.prefect_api}/flow_runs/count", {})
     proc = stack.sweep("cache-bad", "--deployment", deployment)
     assert proc.returncode == 2, describe(proc)
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, describe(proc)
-    assert _json(f"{stack.services.prefect_api_url}/flow_runs/count", {}) == before  # nothing started
+    assert http_json(f"{stack.prefect_api}/flow_runs/count", {}) == before  # nothing started
 
 
 def test_a_failed_point_flow_run_is_reported_with_its_worker_and_reason(stack, deployed, monkeypatch):

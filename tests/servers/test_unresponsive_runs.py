@@ -19,19 +19,17 @@ Nothing is mocked. `pytest -s` prints the measured times.
 from __future__ import annotations
 
 import contextvars
-import json
 import os
 import signal
-import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from test_serve import SNGP, ServeProcess, _alive, _children_of, _env, _two_ports
+from support.net import http_json, two_ports
+from support.stack import ServeProcess, alive, children_of, serve_processes, use_server_env
 
 from flows.ops.automation import (
     CRASH_AUTOMATION_NAME,
@@ -49,21 +47,11 @@ WITHIN = crash_after_seconds(HEARTBEAT)  # 120 s
 SLEEPER = "sngp-test-sleeper/sleep"
 LATE = 90.0  # how much later than its window the automation may fire on a loaded 2-core machine
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _json(url: str, body: dict | None = None, method: str | None = None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json"}, method=method
-    )
-    with _NO_PROXY.open(request, timeout=60) as response:
-        text = response.read().decode()
-    return json.loads(text) if text else None
-
 
 def _automations(api: str) -> list[dict]:
-    found = _json(f"{api}/automations/filter", {"automations": {"name": {"any_": [CRASH_AUTOMATION_NAME]}}})
+    found = http_json(
+        f"{api}/automations/filter", {"automations": {"name": {"any_": [CRASH_AUTOMATION_NAME]}}}
+    )
     return [a for a in found if a["name"] == CRASH_AUTOMATION_NAME]
 
 
@@ -96,26 +84,15 @@ def _iso(moment: str) -> datetime:
 
 
 @pytest.fixture
-def serve():
-    started: list[ServeProcess] = []
-
-    def start(*args: str) -> ServeProcess:
-        process = ServeProcess(*args)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.cleanup()
+def serve(tmp_path):
+    """Factory: serve(*args, ports=...) -> a launched ServeProcess on tmp_path/stack; stopped afterwards."""
+    with serve_processes(tmp_path / "stack") as launch:
+        yield launch
 
 
-def test_the_automation_exists_once_and_follows_the_heartbeat(tmp_path, serve):
-    data = tmp_path / "stack"
-    prefect_port, mlflow_port = _two_ports()
-    base = ["--data-dir", str(data), "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
-    api = f"http://127.0.0.1:{prefect_port}/api"
-
-    first = serve(*base, "--no-worker")
+def test_the_automation_exists_once_and_follows_the_heartbeat(serve):
+    first = serve("--no-worker")
+    api = first.prefect_api
     first.wait_ready()
     assert f"automation {CRASH_AUTOMATION_NAME!r} created: flow runs of deployments silent for 120 s" in (
         first.output
@@ -127,7 +104,7 @@ def test_the_automation_exists_once_and_follows_the_heartbeat(tmp_path, serve):
     assert first.terminate()[0] == 0, first.output
 
     # Started again on the same data dir: still one, the same one, now with the new interval.
-    second = serve(*base, "--no-worker", "--heartbeat-seconds", "45")
+    second = serve("--no-worker", "--heartbeat-seconds", "45", ports=(first.prefect_port, first.mlflow_port))
     second.wait_ready()
     assert f"automation {CRASH_AUTOMATION_NAME!r} updated: flow runs of deployments silent for 165 s" in (
         second.output
@@ -155,12 +132,7 @@ def test_the_automation_exists_once_and_follows_the_heartbeat(tmp_path, serve):
 
 
 def test_bad_heartbeat_fails_fast(tmp_path):
-    prefect_port, mlflow_port = _two_ports()
-    result = subprocess.run(
-        [str(SNGP), "serve", "--data-dir", str(tmp_path / "d"), "--prefect-port", str(prefect_port),
-         "--mlflow-port", str(mlflow_port), "--heartbeat-seconds", "10"],
-        capture_output=True, text=True, env=_env(), timeout=60,
-    )  # fmt: skip
+    result = ServeProcess(tmp_path / "d", "--heartbeat-seconds", "10").run_to_exit()
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "sngp serve: error: --heartbeat-seconds must be at least 30 (Prefect's minimum), or 0 to turn "
@@ -174,8 +146,8 @@ def test_bad_heartbeat_fails_fast(tmp_path):
 
 def _deploy_sleeper(api: str) -> dict:
     """The sleeper flow as a deployment on sngp-pool, run from this checkout (as prefect.yaml's are)."""
-    flow = _json(f"{api}/flows/", {"name": "sngp-test-sleeper"})
-    _json(
+    flow = http_json(f"{api}/flows/", {"name": "sngp-test-sleeper"})
+    http_json(
         f"{api}/deployments/",
         {
             "name": SLEEPER.split("/")[1],
@@ -186,16 +158,16 @@ def _deploy_sleeper(api: str) -> dict:
             "enforce_parameter_schema": False,
         },
     )
-    return _json(f"{api}/deployments/name/{SLEEPER}")
+    return http_json(f"{api}/deployments/name/{SLEEPER}")
 
 
 def _flow_run_named(api: str, name: str) -> dict | None:
-    found = _json(f"{api}/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
+    found = http_json(f"{api}/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
     return found[0] if found else None
 
 
 def _heartbeats(api: str, flow_run_id: str) -> list[datetime]:
-    page = _json(
+    page = http_json(
         f"{api}/events/filter",
         {
             "filter": {
@@ -223,7 +195,7 @@ def _wait(what: str, check, timeout: float, every: float = 1.0, describe=lambda:
 def _kill_worker_and_flow_runs(worker_pid: int) -> dict[int, str]:
     """SIGKILL the worker's process group, then every process it had started (the flow-run
     supervisor and engine run in a session of their own) with their process groups."""
-    tree = _children_of(worker_pid)
+    tree = children_of(worker_pid)
     groups = set()
     for pid in tree:
         try:
@@ -250,12 +222,9 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
 
     from tasks.sweep import FlowRunFailed, dispatch_point
 
-    for key, value in _env().items():  # the worker inherits this environment
-        monkeypatch.setenv(key, value)
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SNGP_CACHE_DIR", str(tmp_path / "cache"))
-    prefect_port, mlflow_port = _two_ports()
+    use_server_env(monkeypatch, SNGP_CACHE_DIR=str(tmp_path / "cache"))  # the worker inherits it
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    prefect_port, mlflow_port = two_ports()
     started = time.monotonic()
     with start_services(
         tmp_path / "data", prefect_port=prefect_port, mlflow_port=mlflow_port, heartbeat_seconds=HEARTBEAT,
@@ -294,7 +263,7 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
         run_id = run["id"]
         running = _wait(
             "the flow run did not start running",
-            lambda: (r := _json(f"{api}/flow_runs/{run_id}"))["state"]["type"] == "RUNNING" and r,
+            lambda: (r := http_json(f"{api}/flow_runs/{run_id}"))["state"]["type"] == "RUNNING" and r,
             240,
             describe=worker_log,
         )
@@ -317,10 +286,10 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
         killed_at, killed_wall = time.monotonic(), datetime.now(UTC)
         assert any("prefect.engine" in cmd or "_workspace_supervisor" in cmd for cmd in tree.values()), tree
         worker.wait(timeout=10)
-        _wait("the killed processes are still alive", lambda: not any(_alive(pid) for pid in tree), 10)
+        _wait("the killed processes are still alive", lambda: not any(alive(pid) for pid in tree), 10)
 
         def state() -> dict:
-            return _json(f"{api}/flow_runs/{run_id}")["state"]
+            return http_json(f"{api}/flow_runs/{run_id}")["state"]
 
         last_beat = max(_heartbeats(api, run_id))
         window_end = last_beat.timestamp() + WITHIN
