@@ -7,6 +7,7 @@ record: params, per-epoch curves, metrics, the pyfunc model and the PNGs.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -22,6 +23,8 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
+from sngp_models.abstention import Abstention
+
 from . import pyfunc_model
 from .cache import HOST, process_alive, process_start_time
 from .pyfunc_model import signature
@@ -32,15 +35,28 @@ warnings.filterwarnings("ignore", message=".*input example was not provided.*")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# Explicit requirements: letting MLflow infer them re-imports the model in a subprocess on every log.
-_PIP_REQUIREMENTS = [
-    "tensorflow==2.20.0",
-    "tf-keras==2.20.1",
-    "tf-models-official==2.20.0",
+# The library code a logged model runs (its `code_paths`): the pyfunc file itself is the model's code.
+MODEL_CODE_PATHS = [str(_PROJECT_ROOT / "sngp_models")]
+# What the model's code imports (sngp_models' models + the pyfunc), pinned to the versions installed
+# here, so the model loads the same in a fresh environment. Explicit: letting MLflow infer them
+# re-imports the model in a subprocess on every log. joblib and threadpoolctl: the exact GP's imports.
+MODEL_PACKAGES = (
+    "tensorflow",
+    "tf-keras",
+    "tf-models-official",
     "numpy",
     "pandas",
+    "scipy",
     "scikit-learn",
-]
+    "joblib",
+    "threadpoolctl",
+    "mlflow",
+)
+
+
+def model_requirements() -> list[str]:
+    """MODEL_PACKAGES pinned to their installed versions (`name==version`)."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_PACKAGES]
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -114,17 +130,22 @@ def log_curves(history: dict[str, list[float]]) -> None:
         client.log_batch(run_id, metrics=batch[start : start + 1000])
 
 
-def log_model(model_dir: str) -> mlflow.models.model.ModelInfo:
-    """Log the library model as a pyfunc with an input signature (ModelInfo: model_uri, model_id)."""
+def log_model(model_dir: str, abstention_path: str) -> mlflow.models.model.ModelInfo:
+    """Log the library model as a pyfunc (ModelInfo: model_uri, model_id): its signature (inputs,
+    outputs, the `abstain_threshold` param), artefacts `model_dir` and `abstention` (the rule the
+    evaluation calibrated, tasks.evaluate), the library code and pinned requirements: it loads without
+    this project."""
     meta = json.loads((Path(model_dir) / "model.json").read_text())
     features = meta.get("feature_names") or pyfunc_model.feature_columns(int(meta["input_dim"]))
     classes = meta.get("class_names") or [str(c) for c in range(int(meta["config"]["num_classes"]))]
+    threshold = Abstention.load(abstention_path).threshold
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=pyfunc_model.__file__,
-        artifacts={"model_dir": model_dir},
-        signature=signature(features, classes),
-        pip_requirements=_PIP_REQUIREMENTS,
+        artifacts={"model_dir": model_dir, "abstention": abstention_path},
+        signature=signature(features, classes, threshold),
+        code_paths=MODEL_CODE_PATHS,
+        pip_requirements=model_requirements(),
     )
     return info
 

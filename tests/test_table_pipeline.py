@@ -193,7 +193,8 @@ def check_pyfunc(uri: str, kids: dict, frame: pd.DataFrame, classes: list[str], 
     results = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     for method, model_uri in models.items():
         r = results[model_uri]
-        assert r["columns"] == ["predicted", *[f"prob_{c}" for c in classes], "uncertainty"], (method, r)
+        columns = ["predicted", *[f"prob_{c}" for c in classes], "uncertainty", "abstain"]
+        assert r["columns"] == columns, (method, r)
         assert r["predicted"] == [classes[i] for i in r["argmax"]], method
         assert all(abs(s - 1) < 1e-5 for s in r["row_sums"]) and r["uncertainty_error"] < 1e-5, method
         assert r["missing"] and "missing inputs" in r["missing"] and repr(str(dropped)) in r["missing"], r

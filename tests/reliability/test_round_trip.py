@@ -15,7 +15,7 @@ TOLERANCE = 1e-6
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_logged_model_predicts_what_the_pipeline_predicted(method, pyfunc_report):
     result = pyfunc_report["roundtrip"][method]
-    assert result["columns"] == ["predicted", "prob_0", "prob_1", "uncertainty"], result
+    assert result["columns"] == ["predicted", "prob_0", "prob_1", "uncertainty", "abstain"], result
     assert result["rows"] == 200
     assert result["probs_diff"] <= TOLERANCE, result
     assert result["uncertainty_diff"] <= TOLERANCE, result
