@@ -153,7 +153,7 @@ def record_method(
         # The model before the metrics: log_model links the run's existing metrics to the model by
         # reading back every metric's history (~0.1 s a model); the evaluation metrics are linked to it
         # directly instead.
-        model = tracking.log_model(train_result["model_dir"])
+        model = tracking.log_model(train_result["model_dir"], evaluation["abstention_path"])
         tracking.log_curves(train_result["history"])
         mlflow.log_metrics(evaluation["metrics"], model_id=model.model_id)
         for path in pngs.values():
