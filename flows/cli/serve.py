@@ -1,6 +1,11 @@
 """`sngp serve`: the Prefect server, the MLflow tracking server and process workers on one data dir
 (flows.ops.stack), until Ctrl-C / SIGTERM / SIGHUP; then everything stops in order and the data stays.
 
+Supervised like docker's `restart: unless-stopped`: a server or worker that exits on its own is
+started again after 1, 2, 4 ... s (logged); more than RESTART_LIMIT restarts of one service within
+RESTART_WINDOW seconds is a crash loop, which stops everything (exit 1) with the service's last log lines.
+After the Prefect server restarts, the work pool and the crash automation are re-ensured.
+
 Each worker runs at most --worker-limit flow runs at once (default 1) and polls every 2 s (unless
 PREFECT_WORKER_QUERY_SECONDS says otherwise): Prefect's process worker would otherwise take every
 scheduled run it sees in one poll, so the runs of `sngp sweep --runner workpool` would not spread
@@ -33,7 +38,7 @@ from flows.ops.commands import (
     WORKER_NAME,
     WORKER_QUERY_SECONDS,
 )
-from flows.ops.stack import Services
+from flows.ops.stack import RESTART_LIMIT, RESTART_WINDOW, CrashLoop, Services
 from flows.ops.stack_settings import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_TIMEOUT
 
 HELP = "start the Prefect server, MLflow tracking server and process worker(s) (Ctrl-C stops all)"
@@ -136,14 +141,15 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _supervise(services: Services, stop: threading.Event) -> int:
-    """Wait for a stop signal (0); 1 as soon as a service has stopped on its own."""
-    while not stop.wait(1.0):
-        failed = services.failed()
-        if failed:
-            child = failed[0]
+    """Until a stop signal (0): restart a server or worker that exits, with backoff (services.supervise);
+    1 on a crash loop (one service restarted more than RESTART_LIMIT times in RESTART_WINDOW s)."""
+    while not stop.wait(0.5):
+        try:
+            services.supervise()
+        except CrashLoop as exc:
             print(
-                f"sngp serve: error: {child.name} stopped unexpectedly (exit code {child.exit_code}); "
-                f"{child.tail()}\nsngp serve: stopping the other services",
+                f"sngp serve: error: {exc}\nsngp serve: stopping the other services (data kept in "
+                f"{services.data_dir})",
                 file=sys.stderr,
                 flush=True,
             )
@@ -159,6 +165,8 @@ def _print_ready(services: Services) -> None:
         f"  MLflow UI:    {services.mlflow_ui_url}",
         f"  Work pool:    {services.work_pool} (process){_workers_line(services)}",
         f"  Crash check:  {_crash_line(services)}",
+        f"  Restarts:     a server or worker that exits is restarted; more than {RESTART_LIMIT} restarts of "
+        f"one in {RESTART_WINDOW / 60:g} min stop everything",
         f"  Prefect DB:   {services.prefect_store_display}",
         f"  MLflow store: {services.mlflow_store_display}, artifacts in {services.mlflow_dir / 'artifacts'}",
         f"  Logs:         {services.log_dir}/",

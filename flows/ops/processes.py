@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -141,6 +142,17 @@ def stop(children: Iterable[Child | None], schedule: StopSchedule, grace: float 
             child.proc.kill()
         child.proc.wait()
     _kill_when_late(tree, grace)
+
+
+def reap(child: Child) -> None:
+    """After `child` exited on its own: kill what is left of its process group (spawn gives each child
+    a session of its own), e.g. uvicorn workers of a killed server still holding its port."""
+    if child.alive:
+        return
+    try:
+        os.killpg(child.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _descendants(children: Iterable[Child]) -> set[psutil.Process]:

@@ -43,6 +43,16 @@ from flows.ops.stack_settings import StackSettings
 WORKER_STOP_SCHEDULE = ((signal.SIGTERM, 3.0), (signal.SIGTERM, 3.0))
 SERVER_STOP_SCHEDULE = ((signal.SIGTERM, 10.0),)
 _SERVERS = ("prefect", "mlflow")
+# Supervision, like docker's `restart: unless-stopped`: a service that exits is started again after
+# 1, 2, 4 ... s (at most RESTART_BACKOFF_CAP); more than RESTART_LIMIT restarts of one service within
+# RESTART_WINDOW seconds is a crash loop: supervise() raises CrashLoop and the stack is stopped.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 120.0
+RESTART_BACKOFF_CAP = 30.0
+
+
+class CrashLoop(ServiceError):
+    """A service kept exiting: more than RESTART_LIMIT restarts within RESTART_WINDOW seconds."""
 
 
 class Services(StackSettings):
@@ -75,6 +85,14 @@ class Services(StackSettings):
         self._t0 = 0.0
         self._up: set[str] = set()  # start-up steps done
         self._workers_since: datetime | None = None  # when the workers were started
+        # Supervision (supervise()): how to start each long-running child again, when each was restarted
+        # (monotonic), restarts due (key: when), services down since (key: monotonic), and whether the
+        # work pool and automations are to be re-ensured once the restarted Prefect server answers.
+        self._spawners: dict[str, Callable[[], Child]] = {}
+        self._restarts: dict[str, list[float]] = {}
+        self._due: dict[str, float] = {}
+        self._down: dict[str, tuple[float, datetime]] = {}
+        self._resync = False
 
     @property
     def children(self) -> dict[str, Child]:
@@ -132,6 +150,10 @@ class Services(StackSettings):
         self._t0 = time.monotonic()
         self._up.clear()
         self._workers_since = None
+        self._restarts.clear()
+        self._due.clear()
+        self._down.clear()
+        self._resync = False
         self._log(f"starting Prefect and MLflow servers in {self.data_dir} (logs in {self.log_dir})")
         self._start_servers(mlflow_store, prefect_db, secrets)
         steps: dict[str, Callable[[], bool]] = {
@@ -146,7 +168,8 @@ class Services(StackSettings):
     def _start_servers(self, mlflow_store: str, prefect_db: str, secrets: tuple[str, ...]) -> None:
         base = commands.base_env(self.prefect_home)
         death = signal.SIGTERM if self._die_with_parent else None
-        self._children["prefect"] = processes.spawn(
+        self._spawners["prefect"] = partial(
+            processes.spawn,
             "Prefect server",
             commands.prefect_server_command(self.host, self.prefect_port),
             env=commands.prefect_server_env(
@@ -157,7 +180,8 @@ class Services(StackSettings):
             death_signal=death,
             secrets=secrets,
         )
-        self._children["mlflow"] = processes.spawn(
+        self._spawners["mlflow"] = partial(
+            processes.spawn,
             "MLflow server",
             commands.mlflow_server_command(self.host, self.mlflow_port, str(self.mlflow_dir / "artifacts")),
             env=commands.mlflow_server_env(base, mlflow_store),
@@ -166,6 +190,8 @@ class Services(StackSettings):
             death_signal=death,
             secrets=secrets,
         )
+        for key in _SERVERS:
+            self._children[key] = self._spawners[key]()
 
     def _run_steps(self, steps: dict[str, Callable[[], bool]], stop_event: threading.Event | None) -> None:
         """Call each pending step until it returns True; the first one still pending at the deadline
@@ -249,7 +275,8 @@ class Services(StackSettings):
         # A heartbeat from before this start (a worker of a previous run) does not count as online.
         self._workers_since = datetime.now(UTC) - timedelta(seconds=1)
         for key, name, log in self._worker_slots():
-            self._children[key] = processes.spawn(
+            self._spawners[key] = partial(
+                processes.spawn,
                 f"Prefect worker {name!r}",
                 commands.worker_command(self.work_pool, name, self.worker_limit),
                 env=self.worker_env(name),
@@ -257,6 +284,7 @@ class Services(StackSettings):
                 log=log,
                 death_signal=signal.SIGKILL if self._die_with_parent else None,
             )
+            self._children[key] = self._spawners[key]()
 
     def _worker_online(self, key: str, name: str) -> bool:
         if self._workers_since is None:
@@ -282,6 +310,78 @@ class Services(StackSettings):
 
     def _elapsed(self) -> float:
         return time.monotonic() - self._t0
+
+    # Supervision ----------------------------------------------------------------------------------
+    def supervise(self) -> None:
+        """One round of supervision, to call every second or so while started: a server or worker that
+        has exited is restarted after its backoff (logged: "MLflow server exited with code -9;
+        restarting in 1 s (1/5 in 2 min)"), its recovery logged once it answers again; once a
+        restarted Prefect server answers, the work pool and the automations are re-ensured (the
+        workers keep polling and reconnect on their own; one that exits is restarted like any other).
+        Raises CrashLoop (naming the service, with its log's last lines) on the RESTART_LIMIT + 1st exit
+        within RESTART_WINDOW seconds."""
+        now = time.monotonic()
+        for key, child in list(self._children.items()):
+            if key == "pool" or key in self._due or child.alive:
+                continue
+            processes.reap(child)
+            recent = [t for t in self._restarts.get(key, []) if now - t < RESTART_WINDOW]
+            self._restarts[key] = recent
+            window = f"{RESTART_WINDOW / 60:g} min"
+            if len(recent) >= RESTART_LIMIT:
+                raise CrashLoop(
+                    f"{child.name} exited with code {child.exit_code} after {len(recent)} restarts in "
+                    f"{window}: a crash loop, giving up; {child.tail(15)}"
+                )
+            delay = min(2.0 ** len(recent), RESTART_BACKOFF_CAP)
+            self._due[key] = now + delay
+            self._down.setdefault(key, (now, datetime.now(UTC)))
+            self._log(
+                f"{child.name} exited with code {child.exit_code}; restarting in {delay:g} s "
+                f"({len(recent) + 1}/{RESTART_LIMIT} in {window})"
+            )
+        for key, due in list(self._due.items()):
+            if now >= due:
+                del self._due[key]
+                self._restarts[key].append(now)
+                self._children[key] = self._spawners[key]()
+                if key == "prefect":
+                    self._resync = True
+        for key, (since, since_utc) in list(self._down.items()):
+            if key not in self._due and self._recovered(key, since_utc):
+                del self._down[key]
+                self._log(f"{self._children[key].name} is back ({now - since:.1f} s after it exited)")
+        if self._resync and "prefect" not in self._down:
+            self._resync = False
+            self._ensure_pool_and_automations()
+        pool = self._children.get("pool")
+        if pool is not None and not pool.alive:
+            del self._children["pool"]
+            if pool.exit_code != 0:
+                self._log(f"re-creating work pool {self.work_pool!r} failed (exit code {pool.exit_code})")
+
+    @property
+    def restarting(self) -> list[str]:
+        """The services exited and not answering again yet (keys of `children`)."""
+        return sorted(self._down)
+
+    def _recovered(self, key: str, since: datetime) -> bool:
+        if key in _SERVERS:
+            return answers(self._health_url(key))
+        name = {slot: name for slot, name, _ in self._worker_slots()}[key]
+        return any(
+            worker.name == name and _online_since(worker, since)
+            for worker in _read_workers(self.prefect_api_url, self.work_pool)
+        )
+
+    def _ensure_pool_and_automations(self) -> None:
+        """After a Prefect server restart: the work pool (again, --overwrite) and the automations. They
+        persist in its database; this re-syncs them in case it lost them. Failures are logged."""
+        self._children.pop("pool", None)
+        try:
+            self._start_pool_and_automation()
+        except ServiceError as exc:
+            self._log(f"warning: {exc}")
 
     def failed(self) -> list[Child]:
         """Long-running children that have exited (they should not while started)."""
