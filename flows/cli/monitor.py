@@ -12,7 +12,6 @@ from flows.cli.common import UserError, finish_flow_run, terminate_on_sigterm
 from flows.cli.serve_model import add_model_argument, resolved_model, tracking_uri
 from flows.ops.local_prefect import start_if_local
 from sngp_models.drift import DEFAULT_ALPHA, check_alpha
-from tasks.inbox import InboxError, check_inbox
 from tasks.redaction import redact
 
 HELP = "Score the new batch files of an inbox once with a model, test each for drift, record in MLflow."
@@ -40,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from tasks.inbox import InboxError, check_inbox  # lazy: pandas, not needed for `sngp --help`
+
     try:
         inbox = check_inbox(args.inbox)
         alpha = check_alpha(args.alpha)
