@@ -536,10 +536,14 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
     # A --quick check never replaces the full run's latest.json (the README's table comes from that one).
     suffix = "-quick" if args.quick else ""
     latest, dated = out / f"latest{suffix}.json", out / f"{result['date']}{suffix}.json"
+    if latest.is_file():  # the other benchmarks' keys (table_bench, drift_bench) and targets are kept
+        previous = json.loads(latest.read_text())
+        result = {**{k: v for k, v in previous.items() if k not in result}, **result}
+        result["targets"] = {**previous.get("targets", {}), **result["targets"]}
+    text = json.dumps(result, indent=2) + "\n"
     for path in (latest, dated):
         tmp_path = path.with_name(path.name + ".tmp")
         tmp_path.write_text(text)
