@@ -14,6 +14,7 @@ from prefect import flow
 from sngp_models.drift import DEFAULT_ALPHA
 from tasks.monitor import (
     check_settings,
+    idle_summary,
     inbox_lock,
     monitor_run,
     pending_batches,
@@ -28,10 +29,13 @@ def monitor(
     model: str, inbox: str, alpha: float = DEFAULT_ALPHA, tracking_uri: str | None = None
 ) -> dict[str, Any]:
     """Score the new CSV/Parquet batches in `inbox` with `model` (any MLflow model URI; an alias is
-    resolved to its version now) and test each for drift at level `alpha`."""
+    resolved to its version when there are batches) and test each for drift at level `alpha`."""
     folder = check_settings(inbox, alpha)  # ValueError naming the parameter
-    ref = resolve_monitored_model(model, tracking_uri)
     with inbox_lock(folder):  # one monitor run at a time per inbox
+        names = pending_batches(folder)
+        if not names:  # nothing new: no model looked up, nothing recorded
+            return idle_summary(model, folder)
+        ref = resolve_monitored_model(model, tracking_uri)
         run_id = monitor_run(ref, folder)
-        results = [score_batch(ref, run_id, folder, name, alpha) for name in pending_batches(folder)]
+        results = [score_batch(ref, run_id, folder, name, alpha) for name in names]
     return summary(ref, run_id, results)

@@ -291,6 +291,19 @@ def emit_drift_event(
     )
 
 
+def idle_summary(model: str, inbox: Path) -> dict[str, Any]:
+    """The result of a monitor run that found no batch file in `inbox`."""
+    get_run_logger().info("no new batch in %s", inbox)
+    return {
+        "model": model,
+        "model_uri": model,
+        "mlflow_run_id": None,
+        "inbox": str(inbox),
+        "batches": [],
+        "drift": False,
+    }
+
+
 def summary(ref: ModelRef, run_id: str, results: list[dict]) -> dict[str, Any]:
     """The monitor run's result: the model, its MLflow run and one entry per batch file."""
     import mlflow

@@ -70,6 +70,9 @@ def main(args: argparse.Namespace) -> int:
 
 def print_summary(result: dict, label: str, seconds: float) -> None:
     batches = result["batches"]
+    if result["mlflow_run_id"] is None:
+        print(f"sngp monitor: no new batch in {result['inbox']} ({seconds:.1f} s)")
+        return
     for batch in batches:
         print(batch["line"])
     counts = {status: sum(b["status"] == status for b in batches) for status in ("scored", "rejected")}

@@ -41,6 +41,7 @@ DEPLOYMENTS = (
     "uncertainty-pipeline/smoke",
     "retrain/nightly",
     "sweep-point/pool",
+    "monitor/every-15-minutes",
 )
 REGISTERED = "sngp-uncertainty-sngp"  # <retrain.registry_prefix>-<method>
 START_TIMEOUT = 300.0

@@ -315,6 +315,16 @@ def test_bad_files_are_rejected_with_a_reason_and_the_others_go_on(stack, champi
     assert [p.name for p in (inbox / "scored").iterdir()] == ["good.csv"]
 
 
+def test_an_empty_inbox_records_nothing(stack, champion):
+    inbox = stack["root"] / "empty-inbox"
+    inbox.mkdir()
+    (inbox / "README.txt").write_text("not a batch")
+    before = steps(stack, monitor_run_id(stack))
+    proc = monitor(stack, inbox)
+    assert proc.returncode == 0 and f"sngp monitor: no new batch in {inbox}" in proc.stdout, describe(proc)
+    assert steps(stack, monitor_run_id(stack)) == before
+
+
 def test_a_missing_inbox_or_a_bad_alpha_is_one_line_and_exit_2(stack, champion):
     missing = stack["root"] / "no-such-inbox"
     proc = monitor(stack, missing)
