@@ -34,6 +34,7 @@ from support.net import http_json, two_ports
 from sngp_models.data import make_ood, make_two_moons
 
 ROOT = Path(__file__).resolve().parents[2]
+PREFECT = SNGP.parent / "prefect"
 MODEL = "models:/sngp-uncertainty-sngp@champion"
 RESOURCE = "sngp.model.sngp-uncertainty-sngp.1"
 METRICS = ("batch_rows", "abstain_rate", "mean_uncertainty", "drift_statistic", "drift_p_value", "drift")
@@ -140,6 +141,12 @@ def monitor_run_id(stack, key: str = "sngp-uncertainty-sngp/1") -> str:
     runs = client.search_runs([experiment.experiment_id], f"tags.`sngp.monitor.model` = '{key}'")
     assert len(runs) == 1, [r.info.run_name for r in runs]  # one run per model, reused
     return runs[0].info.run_id
+
+
+def recorded_steps(stack) -> list[int]:
+    """The batch numbers recorded so far for the champion ([] before its first monitor run)."""
+    experiment = MlflowClient(stack["MLFLOW_TRACKING_URI"]).get_experiment_by_name("sngp-monitor")
+    return steps(stack, monitor_run_id(stack)) if experiment is not None else []
 
 
 def steps(stack, run_id: str, metric: str = "batch_rows") -> list[int]:
@@ -282,6 +289,35 @@ def test_a_batch_with_30_percent_ood_rows_raises_the_event_and_starts_a_retrain(
     assert len(automation_runs(stack)) == 1
 
 
+def test_the_deployment_runs_the_monitor_on_a_worker(stack, champion):
+    """monitor/every-15-minutes as make deploy registered it, run with another inbox by a process worker
+    (`prefect worker start --run-once`): the batch scored, recorded by the worker's flow run."""
+    for retrain in automation_runs(stack):  # the drift-triggered retrain: not for this worker
+        api(stack, f"flow_runs/{retrain['id']}/set_state", {"state": {"type": "CANCELLED"}, "force": True})
+    inbox = stack["root"] / "deployed-run-inbox"
+    inbox.mkdir()
+    in_distribution(5000).to_parquet(inbox / "from-the-worker.parquet")
+    before = recorded_steps(stack)
+    created = run(
+        stack, [PREFECT, "deployment", "run", "monitor/every-15-minutes", "--param", f"inbox={inbox}"]
+    )
+    assert created.returncode == 0, describe(created)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout).group(1)
+    worker = run(
+        stack, [PREFECT, "worker", "start", "--pool", "sngp-pool", "--run-once", "--name", "test-worker"]
+    )
+    assert worker.returncode == 0, describe(worker)
+    flow_run = api(stack, f"flow_runs/{flow_run_id}")
+    assert flow_run["state_type"] == "COMPLETED", (
+        flow_run["state"],
+        worker.stdout[-3000:],
+        worker.stderr[-3000:],
+    )
+    assert [p.name for p in (inbox / "scored").iterdir()] == ["from-the-worker.parquet"]
+    assert steps(stack, monitor_run_id(stack)) == [*before, (before[-1] if before else 0) + 1]
+    print(f"\n[monitor] the deployment's flow run on a worker: {worker.seconds:.1f} s")
+
+
 # --------------------------------------------------------------------------------------------------
 # The inbox's edge cases
 
@@ -347,7 +383,7 @@ def test_a_monitor_killed_mid_run_neither_skips_nor_double_counts(stack, champio
     for i, name in enumerate(names):  # the later ones large (a second or more each): killed among them
         in_distribution(3000 + i, rows=200 if i == 0 else 100_000).to_csv(inbox / name, index=False)
         os.utime(inbox / name, (2e9 + i, 2e9 + i))
-    before = steps(stack, monitor_run_id(stack))
+    before = recorded_steps(stack)
     cwd = stack["root"] / "client"
     proc = subprocess.Popen(
         [str(SNGP), "monitor", "--model", MODEL, "--inbox", str(inbox)], cwd=cwd, env=client_env(stack),
