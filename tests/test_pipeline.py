@@ -10,16 +10,13 @@ a run whose task fails for real must leave MLflow runs FAILED, never RUNNING.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import yaml
 from support import records
-from support.cli import REPO, SMOKE, describe, run_sngp, sngp_env
+from support.cli import REPO, SMOKE, describe, run_python, run_sngp
 from support.records import STUDY_METHODS as METHODS
 
 EPOCHS = int(yaml.safe_load(SMOKE.read_text())["training"]["epochs"])
@@ -187,17 +184,7 @@ def test_pyfunc_models_predict_in_fresh_process(first_run, reader, tmp_path):
     children = reader.children(first_run.parent_id)
     uris = {m: f"models:/{reader.logged_models(r.info.run_id)[0].model_id}" for m, r in children.items()}
     runs_uri = f"runs:/{children['sngp'].info.run_id}/model"  # the run-relative URI works too
-    proc = subprocess.run(
-        [sys.executable, "-c", PREDICT, reader.uri, *uris.values(), runs_uri],
-        cwd=tmp_path,
-        env=sngp_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    results = json.loads(line.removeprefix("RESULT "))
+    results, _ = run_python(PREDICT, reader.uri, *uris.values(), runs_uri, cwd=tmp_path, timeout=300)
     for method, uri in uris.items():
         result = results[uri]
         columns = result["columns"]

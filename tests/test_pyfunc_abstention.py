@@ -13,14 +13,11 @@ with mlflow.pyfunc.load_model in fresh processes:
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support.cli import REPO, sngp_env
+from support.cli import REPO, run_python
 
 TYPE_HINT_WARNING = "Add type hints to the `predict` method"
 
@@ -115,24 +112,10 @@ print("REPORT " + json.dumps(report), flush=True)
 """
 
 
-def _run(script: str, *args: str, cwd: Path) -> tuple[dict, str]:
-    proc = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=cwd,
-        env=sngp_env(cwd),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(("LOGGED ", "REPORT ")))
-    return json.loads(line.split(" ", 1)[1]), proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     out = tmp_path_factory.mktemp("pyfunc-abstention")
-    result, log = _run(LOG, str(out), cwd=REPO)
+    result, log = run_python(LOG, str(out), cwd=REPO)
     return out, result, log
 
 
@@ -141,7 +124,7 @@ def used(logged):
     out, result, _ = logged
     cwd = out / "elsewhere"
     cwd.mkdir()
-    return _run(USE, result["uri"], result["model_uri"], str(out / "inputs.npz"), cwd=cwd)
+    return run_python(USE, result["uri"], result["model_uri"], str(out / "inputs.npz"), cwd=cwd)
 
 
 def test_logging_and_loading_do_not_ask_for_type_hints(logged, used):

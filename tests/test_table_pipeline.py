@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import sklearn.datasets
 import yaml
-from support.cli import describe, run_sngp, sngp_env
+from support.cli import describe, run_python, run_sngp
 from support.records import STUDY_METHODS, children, logged_models
 
 from sngp_models.evaluation import GRID_METRICS, METRIC_NAMES, OOD_METRICS
@@ -181,16 +179,9 @@ def check_pyfunc(uri: str, kids: dict, frame: pd.DataFrame, classes: list[str], 
     """Every method's logged model, in a fresh process, by column name (see PREDICT)."""
     models = {m: f"models:/{logged_models(uri, r)[0].model_id}" for m, r in kids.items()}
     dropped = frame.columns[-1]
-    proc = subprocess.run(
-        [sys.executable, "-c", PREDICT, uri, frame.to_json(orient="split"), dropped, *models.values()],
-        cwd=workdir,
-        env=sngp_env(workdir),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    results, _ = run_python(
+        PREDICT, uri, frame.to_json(orient="split"), dropped, *models.values(), cwd=workdir
     )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    results = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     for method, model_uri in models.items():
         r = results[model_uri]
         columns = ["predicted", *[f"prob_{c}" for c in classes], "uncertainty", "abstain"]

@@ -6,6 +6,7 @@ test says otherwise) MLflow SQLite store in its own working directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -215,3 +216,20 @@ def describe(proc) -> str:
         f"leaked processes: {getattr(proc, 'leaked', [])}\n"
         f"--- stdout (tail) ---\n{proc.stdout[-3000:]}\n--- stderr (tail) ---\n{proc.stderr[-5000:]}"
     )
+
+
+def run_python(script: str, *args: str, cwd: Path, timeout: float = 600) -> tuple[dict, str]:
+    """Run `python -c SCRIPT ARGS` in a fresh process with an isolated `sngp_env(cwd)` -> (the JSON the
+    script printed on its line starting with a marker word such as "RESULT ", its whole output)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=sngp_env(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    markers = ("RESULT ", "LOGGED ", "REPORT ")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(markers))
+    return json.loads(line.split(" ", 1)[1]), proc.stdout + proc.stderr
