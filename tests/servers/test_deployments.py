@@ -390,7 +390,7 @@ def test_retrain_promotes_only_candidates_that_are_not_worse(stack, retrained, t
     proc = stack.run([sys.executable, "-c", script], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, describe(proc)
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    assert result["columns"] == ["predicted", "prob_0", "prob_1", "uncertainty"]
+    assert result["columns"] == ["predicted", "prob_0", "prob_1", "uncertainty", "abstain"]
     assert better["source"] == f"models:/{result['model_id']}"
     for predicted, p0, p1, uncertainty in result["rows"]:
         assert abs(p0 + p1 - 1) < 1e-5 and 0 <= uncertainty <= 0.5
