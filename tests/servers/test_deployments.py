@@ -392,8 +392,8 @@ def test_retrain_promotes_only_candidates_that_are_not_worse(stack, retrained, t
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["columns"] == ["predicted", "prob_0", "prob_1", "uncertainty", "abstain"]
     assert better["source"] == f"models:/{result['model_id']}"
-    for predicted, p0, p1, uncertainty in result["rows"]:
-        assert abs(p0 + p1 - 1) < 1e-5 and 0 <= uncertainty <= 0.5
+    for predicted, p0, p1, uncertainty, abstain in result["rows"]:
+        assert abs(p0 + p1 - 1) < 1e-5 and 0 <= uncertainty <= 0.5 and isinstance(abstain, bool)
         assert predicted == ("0" if p0 >= p1 else "1")  # the class name of the larger probability
     print(f"[deployments] champion loaded and predicted in a fresh process: {proc.seconds:.1f} s")
 
