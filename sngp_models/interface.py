@@ -170,7 +170,8 @@ def write_model_dir(
 ) -> Path:
     """Write `write_payload(dir)`'s files + model.json (`meta` with format_version) + manifest atomically.
 
-    The directory appears at `path` only once complete; an existing model there is replaced.
+    The directory appears at `path` only once complete; an existing model there is replaced. On any
+    error the partial directory goes; a full disk is an OSError(ENOSPC) naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +184,10 @@ def write_model_dir(
         # Written last: a directory without a valid manifest is never loaded as a model.
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _move_into_place(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc  # name the model
         raise
     return path
 

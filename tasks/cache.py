@@ -10,6 +10,7 @@ tasks return their paths.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -58,11 +59,16 @@ def artifact_path(kind: str, name: str) -> Path:
 
 
 def write_atomic(path: Path, write) -> Path:
-    """Call `write(tmp_path)` then rename into place, so readers never see a half-written file."""
+    """Call `write(tmp_path)` then rename into place, so readers never see a half-written file. The
+    temp file goes on any error; a full disk is an OSError(ENOSPC) naming `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC and not exc.filename:  # writers seldom say which file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -186,8 +192,8 @@ class ProcessLockManager(LockManager):
         started = process_start_time(pid)
         record = {"holder": holder, "expiration": expiration, "host": HOST, "pid": pid, "started": started}
         tmp = path.with_name(f".{path.name}.{pid}-{os.urandom(4).hex()}")
-        tmp.write_text(json.dumps(record))
         try:
+            tmp.write_text(json.dumps(record))  # inside: a full disk leaves no partial temp file
             os.link(tmp, path)  # atomic; fails if someone took the lock since we looked
         except FileExistsError:
             return self.is_lock_holder(key, holder)

@@ -21,8 +21,8 @@ from prefect.runtime import flow_run
 
 from sngp_models.evaluation import SUMMARY_METRICS
 
-from . import tracking
-from .cache import CODE_VERSION, configured
+from . import faults, tracking
+from .cache import CODE_VERSION, cache_root, configured
 from .data import data_facts
 from .evaluate import NO_OOD_MESSAGE
 from .plot import plot_comparison
@@ -59,6 +59,8 @@ def parent_run(
     try:  # runs left RUNNING by a killed earlier run: FAILED, with the reason as a tag
         orphaned = tracking.fail_orphaned_runs(uri, experiment_id)
     except mlflow.exceptions.MlflowException as exc:
+        if faults.unreachable(exc):
+            raise
         orphaned = []
         logger.warning("could not check for runs left RUNNING by killed processes: %s", exc)
     if orphaned:
@@ -88,12 +90,24 @@ def parent_run(
     except BaseException as exc:
         # KeyboardInterrupt, SystemExit, Prefect's TerminationSignal (its SIGTERM handler): interrupted.
         interrupted = not isinstance(exc, Exception)
-        if interrupted:
+        gone = faults.unreachable(exc)  # a server away for the whole --server-grace
+        if interrupted or gone:
             STOP_TRAINING.set()  # training threads stop at their next epoch instead of running to the end
+        if gone:
+            faults.give_up(gone)
         status = "KILLED" if interrupted else "FAILED"
-        while mlflow.active_run() is not None:
-            mlflow.end_run(status)
-        tracking.fail_unfinished_runs(uri, started_runs, status)
+        stores = [run.info.artifact_uri for run in [mlflow.active_run()] if run]  # as started: no request
+        full = faults.disk_full(exc, [*stores, str(cache_root())])
+        try:
+            while mlflow.active_run() is not None:
+                mlflow.end_run(status)
+            tracking.fail_unfinished_runs(uri, started_runs, status)
+        except mlflow.exceptions.MlflowException as cleanup_error:
+            if faults.unreachable(cleanup_error) != faults.MLFLOW:
+                raise
+            # The server is gone: the runs stay RUNNING there until the next run marks them FAILED.
+        if full is not None and full is not exc:
+            raise full from exc
         raise
     mlflow.end_run("FINISHED")
 
@@ -176,6 +190,8 @@ def record_method(
             "plots": pngs,
         }
     except Exception as exc:  # record the failure, keep the other methods' records, fail the flow later
+        if faults.unreachable(exc):
+            raise  # the other methods' records would only wait for the server again: fail the flow now
         mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
         mlflow.end_run("FAILED")
         logger.error("%s failed: %s: %s", method, type(exc).__name__, exc)

@@ -26,7 +26,7 @@ from prefect.futures import PrefectFuture
 
 from sngp_models.evaluation import METRIC_NAMES
 
-from . import tracking
+from . import faults, tracking
 from .cache import cache_root, write_atomic
 from .recording import ParentRun
 from .sweep_points import Outcome, Point, SweepShape, encode_value, format_value
@@ -113,6 +113,8 @@ def record_point(
         mlflow.end_run("FINISHED")
         outcome.status = "FINISHED"
     except Exception as exc:  # noqa: BLE001 - the point is FAILED, the sweep goes on
+        if faults.unreachable(exc):
+            raise  # a server is gone: recording the other points would only wait for it again
         outcome.error = str(exc) if isinstance(exc, PointFailed) else f"{type(exc).__name__}: {exc}"
         mlflow.set_tag("error", outcome.error[:5000])
         mlflow.end_run("FAILED")

@@ -2,7 +2,8 @@
 
 Each subcommand module defines `HELP` (one line), `add_arguments(parser)` and `main(args) -> int`.
 Errors the user can fix (bad config, port in use, ...) raise `UserError`: printed as one line, exit 2;
-`--debug` shows the traceback instead.
+a run ended from outside (a server away longer than --server-grace, a full disk) raises `RunFailed`:
+one line, exit 1. `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from flows.cli.common import UserError
+from flows.cli.common import RunFailed, UserError
 from flows.ops.errors import ServiceError
 
 SUBCOMMANDS = {
@@ -75,6 +76,11 @@ def _run(argv: list[str] | None) -> int:
             raise
         print(f"sngp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:  # a server away longer than --server-grace, a full disk
+        if args.debug:
+            raise
+        print(f"sngp {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sngp {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from flows.cli.common import add_config_arguments, add_tracking_argument, checked_config, run_flow
+from flows.cli.common import (
+    add_config_arguments,
+    add_server_grace_argument,
+    add_tracking_argument,
+    checked_config,
+    prepare_clients,
+    run_flow,
+)
 
 HELP = "Retrain on fresh data and promote each method's model in the MLflow registry if it is as good."
 
@@ -13,6 +20,7 @@ HELP = "Retrain on fresh data and promote each method's model in the MLflow regi
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_tracking_argument(parser)
+    add_server_grace_argument(parser)
     parser.epilog = (
         "Settings of the champion/challenger rule live under 'retrain:' (accuracy_tolerance, "
         "auroc_tolerance, holdout_seed, data_seed, registry_prefix)."
@@ -21,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = checked_config(args)
+    prepare_clients(args)
     started = time.perf_counter()
     state = run_flow("sngp retrain: failed", config, load_retrain)
     if state is None:

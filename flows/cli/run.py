@@ -7,7 +7,14 @@ import os
 import time
 from pathlib import Path
 
-from flows.cli.common import add_config_arguments, add_tracking_argument, checked_config, run_flow
+from flows.cli.common import (
+    add_config_arguments,
+    add_server_grace_argument,
+    add_tracking_argument,
+    checked_config,
+    prepare_clients,
+    run_flow,
+)
 from sngp_models.evaluation import SUMMARY_METRICS
 from tasks.redaction import redact
 
@@ -17,6 +24,7 @@ HELP = "Run the uncertainty pipeline once (Prefect local mode unless PREFECT_API
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_tracking_argument(parser)
+    add_server_grace_argument(parser)
     parser.add_argument(
         "--cache-dir",
         metavar="DIR",
@@ -34,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
     if args.cache_dir:
         os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
     config = checked_config(args)
+    prepare_clients(args)
     started = time.perf_counter()
     state = run_flow("sngp run: pipeline failed", config, load_pipeline)
     if state is None:

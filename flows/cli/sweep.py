@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from flows.cli.common import UserError, check_cache_dir, finish_flow_run, terminate_on_sigterm
+from flows.cli.common import (
+    UserError,
+    add_server_grace_argument,
+    check_cache_dir,
+    finish_flow_run,
+    prepare_clients,
+    terminate_on_sigterm,
+)
 from flows.config import ConfigError
 from flows.ops.local_prefect import start_if_local
 from flows.sweep_spec import SweepError, SweepSpec, expand, load_sweep
@@ -76,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cache folder (default: $SNGP_CACHE_DIR, else ./.sngp_cache); Dask and work-pool workers must "
         "share it",
     )
+    add_server_grace_argument(parser)
     parser.epilog = (
         "Results: one MLflow parent run (sweep.yaml, sweep_results.csv, plots/sweep_<metric>.png) with a "
         "nested run per point, whichever runner computed it (with --runner workpool each point is also a "
@@ -243,6 +251,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     points = len(expand(spec))
     runner = check_runner_options(args)
+    prepare_clients(args)  # before Prefect is imported (choose_runner)
     # Local mode: one temporary Prefect server for the flow and every worker process (they inherit
     # PREFECT_API_URL). The work pool needs a real server (check_deployment says so).
     local_server = start_if_local() if runner != "workpool" else None

@@ -1,0 +1,363 @@
+"""Faults a client rides out or reports in one line (issue 16): a tracking or Prefect server away for a
+while (`--server-grace`), away for good, and a full disk under the cache folder or the artefact store.
+
+Real servers (tests/support/standalone_servers.py), real `sngp run` processes, real tmpfs mounts; each
+test prints what it measured (`pytest -s`): time to detect, time to recover, what the record holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from support.cli import SMOKE, SngpProcess, describe, run_sngp, sngp_env
+from support.records import check_complete_record, client, sqlite_uri
+from support.standalone_servers import MlflowServer, PrefectServer, fill, running, tmpfs
+
+from flows import cli
+from flows.cli.common import (
+    MAX_SERVER_GRACE,
+    mlflow_backoff_window,
+    prefect_backoff_window,
+    server_retry_settings,
+)
+from tasks.tracking import ORPHAN_TAG
+
+METHOD = "deterministic"
+SMOKE_ONE = ["run", "--config", str(SMOKE), "--set", f"methods=[{METHOD}]"]
+PARENT_STARTED = r"MLflow parent run [0-9a-f]{32}"
+# The server is killed once training is done: the run's next requests (recording the method) meet it gone,
+# and every task finishes (and is cached) whatever happens to the record.
+TRAINED = rf"Task run 'train-{METHOD}' - Finished in state"
+PNG_END = b"IEND\xaeB`\x82"  # a PNG's last chunk
+NOISE = ("Traceback", "Error logging to API", 'File "', "During handling of the above exception")
+
+
+def one_error_line(proc) -> str:
+    """The one `sngp run:` line of a failed run; no traceback or repeated API-logging errors around it."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("sngp run:")]
+    assert len(errors) == 1, f"expected one 'sngp run:' line\n{describe(proc)}"
+    for noise in NOISE:
+        assert noise not in proc.stderr, f"{noise!r} on stderr\n{describe(proc)}"
+    assert proc.stderr.count("urllib3.connectionpool - Retrying") <= 1, describe(proc)
+    return errors[0]
+
+
+def check_reused(uri: str, first: SngpProcess, rerun: SngpProcess, stages: tuple[str, ...]) -> dict[str, str]:
+    """The rerun took `stages` of the method from the cache -> its task states. Unless the code changed
+    between the two runs: every task's cache key includes CODE_VERSION (a hash of the library and task
+    code), and other people edit this checkout while tests run; then it only says so."""
+    states = rerun.task_states()
+    parent = re.search(PARENT_STARTED, first.stderr).group(0).split()[-1]
+    versions = {client(uri).get_run(p).data.tags["code_version"] for p in (parent, rerun.parent_id)}
+    if len(versions) > 1:
+        print(f"\n(the code changed between the two runs, {sorted(versions)}: nothing to reuse)")
+        return states
+    for stage in stages:
+        assert states[f"{stage}-{METHOD}"] == "Cached(type=COMPLETED)", states
+    return states
+
+
+def sngp(args: list[str], workdir: Path, **env: str) -> SngpProcess:
+    return SngpProcess(args, workdir, sngp_env(workdir, **env))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --server-grace -> MLflow's and Prefect's own retry settings
+
+
+def test_grace_becomes_the_clients_retry_settings():
+    """Every grace gets an MLflow backoff window that covers it and overshoots by at most
+    min(15, grace / 2) s (1 s: 2 s), within MLflow's limits; Prefect's window (2**(M+1) - 2 s of sleeps
+    plus 1.5 s per refused attempt, fixed base) is the smallest that covers it."""
+    for grace in range(1, MAX_SERVER_GRACE + 1):
+        env = server_retry_settings(grace)
+        retries, factor = (
+            int(env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]),
+            int(env["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]),
+        )
+        assert 2 <= retries <= 10 and 1 <= factor <= 120, (grace, env)
+        window = mlflow_backoff_window(retries, factor)
+        assert grace <= window <= grace + max(1, min(15, grace / 2)), (grace, window)
+        prefect = int(env["PREFECT_CLIENT_MAX_RETRIES"])
+        assert prefect_backoff_window(prefect) >= grace, (grace, prefect)
+        assert prefect == 1 or prefect_backoff_window(prefect - 1) < grace, (grace, prefect)
+        assert env["PREFECT_CLIENT_RETRY_JITTER_FACTOR"] == "0"
+        assert 15 <= int(env["MLFLOW_HTTP_REQUEST_TIMEOUT"]) <= 60
+    # the two graces the tests below use: 0+2+4+8+16 = 30 s and 0+2+...+32 = 62 s
+    assert server_retry_settings(20)["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+    assert server_retry_settings(60)["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "6"
+    assert server_retry_settings(20)["PREFECT_CLIENT_MAX_RETRIES"] == "3"  # 2+4+8 + 4 x 1.5 = 20 s
+    assert server_retry_settings(60)["PREFECT_CLIENT_MAX_RETRIES"] == "5"  # 62 + 6 x 1.5 = 71 s
+
+
+@pytest.mark.parametrize("grace", ["0", "901", "-5", "abc"])
+def test_bad_server_grace_is_one_line(grace, tmp_path, monkeypatch, capsys):
+    from flows.cli import run as run_command
+
+    for name in [n for n in os.environ if n.startswith(("MLFLOW_", "PREFECT_", "SNGP_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_command, "run_flow", lambda *_: pytest.fail("a bad --server-grace passed"))
+    try:
+        code = cli.main(["run", "--server-grace", grace])
+    except SystemExit as exc:  # argparse: not an integer
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--server-grace" in err.splitlines()[-1] and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The MLflow tracking server
+
+
+def test_mlflow_server_killed_and_back_within_the_grace(tmp_path):
+    """SIGKILL the tracking server as the run opens its parent run, start it again: the run completes
+    with one complete record (one parent, one child, one logged model: nothing lost or duplicated)."""
+    server = MlflowServer(tmp_path / "mlflow")
+    with running(server):
+        proc = sngp([*SMOKE_ONE, "--tracking-uri", server.url, "--server-grace", "60"], tmp_path / "run")
+        try:
+            assert proc.wait_for(TRAINED, 300), describe(proc)
+            server.kill()
+            killed = time.monotonic()
+            time.sleep(2)
+            startup = server.start()
+            back = time.monotonic()
+            assert proc.wait(600) == 0, describe(proc)
+        finally:
+            proc.cleanup()
+        done = time.monotonic()
+        check_complete_record(server.url, proc.parent_id, [METHOD])
+        mlflow = client(server.url)
+        runs = mlflow.search_runs([mlflow.get_experiment_by_name("sngp-smoke").experiment_id])
+        assert sorted(r.info.run_name.split("-")[0] for r in runs) == [METHOD, "pipeline"], runs
+        assert all(r.info.status == "FINISHED" for r in runs)
+    print(
+        f"\nMLflow server away {back - killed:.1f} s (restart {startup:.1f} s); the run finished "
+        f"{done - back:.1f} s after it was back, {proc.seconds:.1f} s in all; record complete"
+    )
+
+
+def test_mlflow_server_gone_for_good_is_one_line_then_the_rerun_completes(tmp_path):
+    """Killed for good: `sngp run --server-grace 20` exits 1 within grace + 30 s with one line naming the
+    server; with the server back, the rerun reuses every task and marks the orphaned parent FAILED."""
+    server = MlflowServer(tmp_path / "mlflow")
+    workdir = tmp_path / "run"
+    with running(server):
+        proc = sngp([*SMOKE_ONE, "--tracking-uri", server.url, "--server-grace", "20"], workdir)
+        try:
+            assert proc.wait_for(TRAINED, 300), describe(proc)
+            orphan = re.search(PARENT_STARTED, proc.stderr).group(0).split()[-1]
+            server.kill()
+            killed = time.monotonic()
+            code = proc.wait(20 + 30 + 30)
+        finally:
+            proc.cleanup()
+        detected = time.monotonic() - killed
+        assert code == 1, describe(proc)
+        assert detected <= 20 + 30, f"exit {detected:.1f} s after the kill\n{describe(proc)}"
+        line = one_error_line(proc)
+        assert line == (
+            f"sngp run: error: the MLflow server at {server.url} stopped answering (20 s); finished tasks "
+            "are cached: rerun when it is back"
+        ), line
+
+        server.start()
+        assert client(server.url).get_run(orphan).info.status == "RUNNING"  # what the dead run left
+        rerun = run_sngp([*SMOKE_ONE, "--tracking-uri", server.url], workdir)
+        assert rerun.returncode == 0, describe(rerun)
+        check_reused(server.url, proc, rerun, ("train", "evaluate", "plot"))
+        check_complete_record(server.url, rerun.parent_id, [METHOD])
+        left = client(server.url).get_run(orphan)
+        assert left.info.status == "FAILED" and ORPHAN_TAG in left.data.tags, left
+        assert not running_runs(server.url), running_runs(server.url)
+    print(
+        f"\nMLflow server gone: detected and exited {detected:.1f} s after the kill (grace 20 s); "
+        f"rerun from the cache {rerun.seconds:.1f} s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Prefect server (PREFECT_API_URL set)
+
+
+def test_prefect_server_killed_and_back_within_the_grace(tmp_path):
+    """The Prefect server SIGKILLed as the run starts its MLflow record, started again: the run completes;
+    Prefect keeps the flow run and its task runs COMPLETED."""
+    server = PrefectServer(tmp_path / "prefect")
+    workdir = tmp_path / "run"
+    with running(server):
+        proc = sngp([*SMOKE_ONE, "--server-grace", "60"], workdir, prefect_api=server.api_url)
+        try:
+            assert proc.wait_for(TRAINED, 300), describe(proc)
+            server.kill()
+            killed = time.monotonic()
+            time.sleep(2)
+            startup = server.start()
+            back = time.monotonic()
+            assert proc.wait(600) == 0, describe(proc)
+        finally:
+            proc.cleanup()
+        done = time.monotonic()
+        check_complete_record(sqlite_uri(workdir), proc.parent_id, [METHOD])
+        flow_run_id = client(sqlite_uri(workdir)).get_run(proc.parent_id).data.tags["prefect.flow_run_id"]
+        deadline = time.monotonic() + 30  # the server applies task-run events a moment after they arrive
+        while set((states := prefect_states(server.api_url, flow_run_id)).values()) != {"COMPLETED"}:
+            assert time.monotonic() < deadline, f"Prefect's record: {states}"
+            time.sleep(1)
+    print(
+        f"\nPrefect server away {back - killed:.1f} s (restart {startup:.1f} s); the run finished "
+        f"{done - back:.1f} s after it was back; Prefect's record: {states}"
+    )
+
+
+def prefect_states(api_url: str, flow_run_id: str) -> dict[str, str]:
+    """The flow run's state and its task runs' states as the Prefect server has them."""
+    from support.net import http_bytes
+
+    flow = json.loads(http_bytes(f"{api_url}/flow_runs/{flow_run_id}"))
+    tasks = json.loads(
+        http_bytes(f"{api_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    )
+    return {"flow": flow["state_type"], **{t["name"]: t["state_type"] for t in tasks}}
+
+
+def test_prefect_server_gone_for_good_is_one_line(tmp_path):
+    """Killed for good: one line naming the Prefect server within grace + 30 s, exit 1, the MLflow runs
+    FAILED (MLflow is still there)."""
+    server = PrefectServer(tmp_path / "prefect")
+    workdir = tmp_path / "run"
+    with running(server):
+        proc = sngp([*SMOKE_ONE, "--server-grace", "20"], workdir, prefect_api=server.api_url)
+        try:
+            assert proc.wait_for(TRAINED, 300), describe(proc)
+            server.kill()
+            killed = time.monotonic()
+            assert proc.wait_for(r"sngp run: ", 20 + 30 + 30), describe(proc)
+            detected = time.monotonic() - killed
+            code = proc.wait(300)
+        finally:
+            proc.cleanup()
+    exited = time.monotonic() - killed
+    assert code == 1, describe(proc)
+    assert detected <= 20 + 30, f"error line {detected:.1f} s after the kill\n{describe(proc)}"
+    line = one_error_line(proc)
+    assert line.startswith(
+        f"sngp run: error: the Prefect server at {server.api_url} stopped answering (20 s)"
+    )
+    assert not running_runs(sqlite_uri(workdir)), running_runs(sqlite_uri(workdir))
+    print(
+        f"\nPrefect server gone: the line {detected:.1f} s after the kill (grace 20 s), exit after "
+        f"{exited:.1f} s (Prefect's events worker gives up on each queued event for ~8 s first)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A full disk
+
+
+def partial_files(root: Path) -> list[str]:
+    """Files under `root` that a finished writer would not leave: temp files, and whatever does not read
+    back whole (npz archives, PNGs, Prefect's result records, saved models against their manifest)."""
+    bad = []
+    for path in (p for p in root.rglob("*") if p.is_file() and p.name != "ballast"):
+        name = path.name
+        if name.startswith("."):  # the atomic writers' (ours and MLflow's) hidden temp files
+            bad.append(f"{path}: temp file")
+        elif name.endswith(".npz"):
+            try:
+                zipfile.ZipFile(path).testzip()
+            except (zipfile.BadZipFile, OSError) as exc:
+                bad.append(f"{path}: {exc}")
+        elif name.endswith(".png") and not path.read_bytes().endswith(PNG_END):
+            bad.append(f"{path}: truncated PNG")
+        elif path.parent.name == "prefect-results":
+            try:
+                json.loads(path.read_bytes())
+            except ValueError as exc:
+                bad.append(f"{path}: {exc}")
+    for manifest in root.rglob("manifest.json"):  # a saved model: every file whole
+        for file, digest in json.loads(manifest.read_text()).items():
+            found = manifest.parent / file
+            if not found.is_file() or hashlib.sha256(found.read_bytes()).hexdigest() != digest:
+                bad.append(f"{found}: missing or not what the manifest says")
+    return bad
+
+
+def logged_models_of(uri: str) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    ids = [e.experiment_id for e in client(uri).search_experiments()]
+    return mlflow.search_logged_models(experiment_ids=ids, output_format="list")
+
+
+def running_runs(uri: str) -> list[str]:
+    mlflow = client(uri)
+    ids = [e.experiment_id for e in mlflow.search_experiments()]
+    runs = mlflow.search_runs(ids, filter_string="attributes.status = 'RUNNING'") if ids else []
+    return [f"{r.info.run_name} {r.info.run_id}" for r in runs]
+
+
+def test_full_cache_disk_is_one_line_and_leaves_no_partial_files(tmp_path):
+    """The cache folder on a 20 MB tmpfs with ~300 KB left: one line naming a path in it and 'no space
+    left', exit 1; nothing half-written; with the space back the next run completes, reusing what finished."""
+    workdir = tmp_path / "run"
+    cache = workdir / "cache"
+    with tmpfs(cache, "20m"):
+        ballast = fill(cache, 300_000)
+        started = time.monotonic()
+        proc = run_sngp(SMOKE_ONE, workdir, sngp_env(workdir, SNGP_CACHE_DIR=str(cache)))
+        failed_after = time.monotonic() - started
+        assert proc.returncode == 1, describe(proc)
+        line = one_error_line(proc)
+        assert line.startswith(f"sngp run: error: no space left on device for {cache}/"), line
+        assert "MB free there" in line and "--cache-dir" in line, line
+        assert not partial_files(cache), partial_files(cache)
+        assert not running_runs(sqlite_uri(workdir)), running_runs(sqlite_uri(workdir))
+        ballast.unlink()
+        rerun = run_sngp(SMOKE_ONE, workdir, sngp_env(workdir, SNGP_CACHE_DIR=str(cache)))
+        assert rerun.returncode == 0, describe(rerun)
+        check_complete_record(sqlite_uri(workdir), rerun.parent_id, [METHOD])
+        states = check_reused(sqlite_uri(workdir), proc, rerun, ("train", "evaluate"))
+        assert not partial_files(cache)
+    print(
+        f"\nfull cache disk: run failed after {failed_after:.1f} s with: {line}\n"
+        f"rerun with space {rerun.seconds:.1f} s, tasks {states}"
+    )
+
+
+def test_full_artifact_store_is_one_line_and_leaves_no_partial_files(tmp_path):
+    """The local MLflow artefact store (./mlartifacts beside ./mlflow.db) on a tmpfs with ~100 KB left:
+    one line naming a path in it, exit 1, every run FAILED, no temp file or cut-off PNG; a model cut
+    short is marked FAILED by MLflow (its log_model copies file by file); with the space back the next
+    run completes from the cache."""
+    workdir = tmp_path / "run"
+    store = workdir / "mlartifacts"
+    with tmpfs(store, "20m"):
+        ballast = fill(store, 100_000)
+        proc = run_sngp(SMOKE_ONE, workdir)
+        assert proc.returncode == 1, describe(proc)
+        line = one_error_line(proc)
+        assert line.startswith(f"sngp run: error: no space left on device for {store}/"), line
+        assert "MLflow artefact store" in line, line
+        assert not running_runs(sqlite_uri(workdir)), running_runs(sqlite_uri(workdir))
+        assert not partial_files(store), partial_files(store)
+        # MLflow's log_model copies file by file: a model cut short keeps what it got, marked FAILED
+        statuses = {m.model_id: str(m.status) for m in logged_models_of(sqlite_uri(workdir))}
+        assert all(s.endswith(("READY", "FAILED")) for s in statuses.values()), statuses
+        ballast.unlink()
+        rerun = run_sngp(SMOKE_ONE, workdir)
+        assert rerun.returncode == 0, describe(rerun)
+        check_complete_record(sqlite_uri(workdir), rerun.parent_id, [METHOD])
+        check_reused(sqlite_uri(workdir), proc, rerun, ("train", "evaluate", "plot"))
+    print(f"\nfull artefact store: {line}\nrerun with space {rerun.seconds:.1f} s, all tasks cached")
