@@ -8,7 +8,13 @@ import argparse
 import os
 import time
 
-from flows.cli.common import UserError, finish_flow_run, terminate_on_sigterm
+from flows.cli.common import (
+    UserError,
+    add_server_grace_argument,
+    finish_flow_run,
+    prepare_clients,
+    terminate_on_sigterm,
+)
 from flows.cli.serve_model import add_model_argument, resolved_model, tracking_uri
 from flows.ops.local_prefect import start_if_local
 from sngp_models.drift import DEFAULT_ALPHA, check_alpha
@@ -31,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri", metavar="URI", default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
     )  # fmt: skip
+    add_server_grace_argument(parser)
     parser.epilog = (
         "Drift: a one-sided test of each batch's abstain count against the model's reference split "
         "(README, 'Serving and monitoring'). On drift the Prefect event sngp.drift.detected is sent; "
@@ -46,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
         alpha = check_alpha(args.alpha)
     except (InboxError, ValueError) as exc:
         raise UserError(str(exc).replace("alpha:", "--alpha:")) from None
+    prepare_clients(args)
     tracking = tracking_uri(args)
     ref = resolved_model(args, tracking)  # an unknown model is a usage error, before Prefect starts
     parameter = tracking
