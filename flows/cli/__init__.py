@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from flows.cli.common import RunFailed, UserError
+from flows.cli.errors import RunFailed, UserError
 from flows.ops.errors import ServiceError
 
 SUBCOMMANDS = {

@@ -10,11 +10,10 @@ import time
 
 from flows.cli.common import (
     UserError,
-    add_server_grace_argument,
     finish_flow_run,
-    prepare_clients,
     terminate_on_sigterm,
 )
+from flows.cli.faults import add_server_grace_argument, prepare_clients
 from flows.cli.serve_model import add_model_argument, resolved_model, tracking_uri
 from flows.ops.local_prefect import start_if_local
 from sngp_models.drift import DEFAULT_ALPHA, check_alpha

@@ -7,12 +7,11 @@ import time
 
 from flows.cli.common import (
     add_config_arguments,
-    add_server_grace_argument,
     add_tracking_argument,
     checked_config,
-    prepare_clients,
     run_flow,
 )
+from flows.cli.faults import add_server_grace_argument, prepare_clients
 
 HELP = "Retrain on fresh data and promote each method's model in the MLflow registry if it is as good."
 

@@ -9,12 +9,11 @@ from pathlib import Path
 
 from flows.cli.common import (
     add_config_arguments,
-    add_server_grace_argument,
     add_tracking_argument,
     checked_config,
-    prepare_clients,
     run_flow,
 )
+from flows.cli.faults import add_server_grace_argument, prepare_clients
 from sngp_models.evaluation import SUMMARY_METRICS
 from tasks.redaction import redact
 

@@ -14,12 +14,11 @@ from urllib.parse import urlparse
 
 from flows.cli.common import (
     UserError,
-    add_server_grace_argument,
     check_cache_dir,
     finish_flow_run,
-    prepare_clients,
     terminate_on_sigterm,
 )
+from flows.cli.faults import add_server_grace_argument, prepare_clients
 from flows.config import ConfigError
 from flows.ops.local_prefect import start_if_local
 from flows.sweep_spec import SweepError, SweepSpec, expand, load_sweep

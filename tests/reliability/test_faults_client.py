@@ -21,7 +21,7 @@ from support.records import check_complete_record, client, sqlite_uri
 from support.standalone_servers import MlflowServer, PrefectServer, fill, running, tmpfs
 
 from flows import cli
-from flows.cli.common import (
+from flows.cli.faults import (
     MAX_SERVER_GRACE,
     mlflow_backoff_window,
     prefect_backoff_window,
