@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,16 @@ def log_data(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
             )
         )
         contexts.append(split)
-    mlflow.log_inputs(datasets, contexts=contexts, tags_list=[None] * len(datasets))
+    for attempt in range(3):
+        try:
+            mlflow.log_inputs(datasets, contexts=contexts, tags_list=[None] * len(datasets))
+            break
+        except mlflow.exceptions.MlflowException as exc:
+            # Two runs logging the same new dataset at once: the store's insert races and the loser gets
+            # a UNIQUE-constraint error; the dataset exists now, so logging again links it.
+            if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc) or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     log_params(data_params(train, evaluation))
 
 
