@@ -119,6 +119,11 @@ def test_bad_server_grace_is_one_line(grace, tmp_path, monkeypatch, capsys):
 # The MLflow tracking server
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known gap (issue 16, open): a request the server carried out but died before answering is sent "
+    "again by MLflow's retry, so a nested run can be created twice (seen once in a full reliability run)",
+)
 def test_mlflow_server_killed_and_back_within_the_grace(tmp_path):
     """SIGKILL the tracking server as the run opens its parent run, start it again: the run completes
     with one complete record (one parent, one child, one logged model: nothing lost or duplicated)."""
