@@ -180,7 +180,7 @@ def write_model_dir(
     try:
         write_payload(tmp)
         (tmp / "model.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
-        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         # Written last: a directory without a valid manifest is never loaded as a model.
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _move_into_place(tmp, path)
@@ -225,7 +225,7 @@ def read_model_dir(path: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
         for name, digest in manifest.items():
-            if _sha256(path / name) != digest:
+            if file_sha256(path / name) != digest:
                 raise ValueError(f"{path / name}: checksum mismatch; the saved model is corrupt")
         meta = json.loads((path / "model.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -235,7 +235,8 @@ def read_model_dir(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MB blocks (hex)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -38,6 +38,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from sngp_models.drift import abstain_drift, check_alpha
+from sngp_models.interface import file_sha256
 
 from . import inbox as inboxes
 from .inbox import check_inbox, inbox_lock  # noqa: F401 - the flow's helpers, re-exported
@@ -147,7 +148,7 @@ def score_batch(ref: ModelRef, run_id: str, inbox: Path, name: str, alpha: float
     path = inbox / name
     if not path.is_file():  # taken meanwhile, by hand (monitor runs on one inbox hold its lock)
         return {"file": name, "status": "skipped", "line": f"skipped {name}: no longer in the inbox"}
-    content = inboxes.digest(path)
+    content = file_sha256(path)
     claim = inboxes.read_claim(inbox, name)
     if claim is not None and claim["sha256"] != content:
         if claim["state"] == "done":
