@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+import urllib.error
 import urllib.request
 
 from .pgcluster import free_port
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# A busy server answers 503 (Prefect's, when its SQLite database is locked by a concurrent writer) or 502;
+# Prefect's own client retries those codes, so the tests' plain HTTP does too: 1, 2, 4, 8 s apart.
+BUSY_CODES = (502, 503)
+BUSY_RETRIES = 4
 
 
 def two_ports() -> tuple[int, int]:
@@ -34,13 +40,21 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 def http_bytes(
     url: str, body: dict | None = None, *, method: str | None = None, timeout: float = 60
 ) -> bytes:
-    """The body of the answer to GET `url` (POST with `body` as JSON), bypassing any proxy."""
+    """The body of the answer to GET `url` (POST with `body` as JSON), bypassing any proxy; a busy server's
+    502/503 is retried (BUSY_RETRIES times)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         url, data=data, headers={"Content-Type": "application/json"}, method=method
     )
-    with _NO_PROXY.open(request, timeout=timeout) as response:
-        return response.read()
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            with _NO_PROXY.open(request, timeout=timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code not in BUSY_CODES or attempt == BUSY_RETRIES:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 def http_json(url: str, body: dict | None = None, *, method: str | None = None, timeout: float = 60):
