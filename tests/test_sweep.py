@@ -291,6 +291,10 @@ def test_an_invalid_point_is_failed_and_the_others_finish(thread_run) -> None:
     assert not reader.running()
 
 
+# A valid one-point sweep spec; each bad-input case below breaks it in one way.
+SMALL_GRID = {"method": "sngp", "grid": {"sngp.num_inducing": [64]}}
+
+
 @pytest.mark.parametrize(
     "spec, args, message",
     [
@@ -301,39 +305,23 @@ def test_an_invalid_point_is_failed_and_the_others_finish(thread_run) -> None:
             "grid.deep_ensemble.ensemble_size: does not change what sngp trains",
         ),
         ({"method": "sngp", "grid": {"seed": [1, 2]}}, [], "use 'seeds:'"),
-        ({"method": "sngp", "grid": {"sngp.num_inducing": [64]}, "random": {"n": 5}}, [], "random.n"),
+        (SMALL_GRID | {"random": {"n": 5}}, [], "random.n"),
+        (SMALL_GRID | {"metric": ["nll"]}, [], "metric: unknown key"),
+        ({"methods": ["sgnp"], "grid": SMALL_GRID["grid"]}, [], "methods.0"),
+        (SMALL_GRID, ["--runner", "thread", "--dask-address", "tcp://127.0.0.1:1"], "--dask-address"),
+        (SMALL_GRID, ["--dask-address", "tcp://127.0.0.1:1"], "no Dask scheduler reachable"),
         (
-            {"method": "sngp", "grid": {"sngp.num_inducing": [64]}, "metric": ["nll"]},
-            [],
-            "metric: unknown key",
-        ),
-        ({"methods": ["sgnp"], "grid": {"sngp.num_inducing": [64]}}, [], "methods.0"),
-        (
-            {"method": "sngp", "grid": {"sngp.num_inducing": [64]}},
-            ["--runner", "thread", "--dask-address", "tcp://127.0.0.1:1"],
-            "--dask-address",
-        ),
-        (
-            {"method": "sngp", "grid": {"sngp.num_inducing": [64]}},
-            ["--dask-address", "tcp://127.0.0.1:1"],
-            "no Dask scheduler reachable",
-        ),
-        (
-            {"method": "sngp", "grid": {"sngp.num_inducing": [64]}},
+            SMALL_GRID,
             ["--runner", "workpool"],
             "--runner workpool needs a Prefect server and PREFECT_API_URL is not set: start the servers "
             "with 'sngp serve --workers 2'",
         ),
         (
-            {"method": "sngp", "grid": {"sngp.num_inducing": [64]}},
+            SMALL_GRID,
             ["--runner", "thread", "--deployment", "sweep-point/pool"],
             "--deployment needs --runner workpool",
         ),
-        (
-            {"method": "sngp", "grid": {"sngp.num_inducing": [64]}},
-            ["--deployment", "pool"],
-            "--deployment must be FLOW/DEPLOYMENT, e.g. sweep-point/pool",
-        ),
+        (SMALL_GRID, ["--deployment", "pool"], "--deployment must be FLOW/DEPLOYMENT, e.g. sweep-point/pool"),
     ],
     ids=[
         "unknown-key",
