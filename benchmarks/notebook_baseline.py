@@ -255,12 +255,17 @@ def run_baseline(seed: int = 0, epochs: int = 100, ensemble_size: int = 10, plot
     train_config = {"loss": loss, "metrics": metrics, "optimizer": optimizer}
     fit_config = {"batch_size": 128, "epochs": epochs}
 
+    def timed_fit(model_class: str, method: str):
+        """The notebook's build, compile and fit of one model, timed as `<method>_fit_seconds`."""
+        t = time.perf_counter()
+        model = nb[model_class](**resnet_config)
+        model.compile(**train_config)
+        model.fit(train_examples, train_labels, verbose=0, **fit_config)
+        out[f"{method}_fit_seconds"] = time.perf_counter() - t
+        return model
+
     # --- deterministic ResNet -----------------------------------------------------------------------------
-    t = time.perf_counter()
-    resnet_model = nb["DeepResNet"](**resnet_config)
-    resnet_model.compile(**train_config)
-    resnet_model.fit(train_examples, train_labels, verbose=0, **fit_config)
-    out["deterministic_fit_seconds"] = time.perf_counter() - t
+    resnet_model = timed_fit("DeepResNet", "deterministic")
 
     t = time.perf_counter()
     resnet_logits = resnet_model(test_examples)
@@ -269,11 +274,7 @@ def run_baseline(seed: int = 0, epochs: int = 100, ensemble_size: int = 10, plot
     out["deterministic_predict_seconds"] = time.perf_counter() - t
 
     # --- SNGP ---------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    sngp_model = nb["DeepResNetSNGPWithCovReset"](**resnet_config)
-    sngp_model.compile(**train_config)
-    sngp_model.fit(train_examples, train_labels, verbose=0, **fit_config)
-    out["sngp_fit_seconds"] = time.perf_counter() - t
+    sngp_model = timed_fit("DeepResNetSNGPWithCovReset", "sngp")
 
     t = time.perf_counter()
     sngp_logits, sngp_covmat = sngp_model(test_examples, return_covmat=True)  # full 10k x 10k covmat
