@@ -38,21 +38,22 @@ from flows.ops.errors import ServiceError
 from flows.ops.network import answers
 from flows.ops.processes import Child
 from flows.ops.stack_settings import StackSettings
+from flows.ops.supervision import RESTART_BACKOFF_CAP, RESTART_LIMIT, RESTART_WINDOW, CrashLoop, Supervisor
+from flows.ops.workers import read_workers, worker_online
 
 # Workers: TERM, wait, TERM again (a process worker often ignores the first one), wait, then KILL.
 WORKER_STOP_SCHEDULE = ((signal.SIGTERM, 3.0), (signal.SIGTERM, 3.0))
 SERVER_STOP_SCHEDULE = ((signal.SIGTERM, 10.0),)
 _SERVERS = ("prefect", "mlflow")
-# Supervision, like docker's `restart: unless-stopped`: a service that exits is started again after
-# 1, 2, 4 ... s (at most RESTART_BACKOFF_CAP); more than RESTART_LIMIT restarts of one service within
-# RESTART_WINDOW seconds is a crash loop: supervise() raises CrashLoop and the stack is stopped.
-RESTART_LIMIT = 5
-RESTART_WINDOW = 120.0
-RESTART_BACKOFF_CAP = 30.0
-
-
-class CrashLoop(ServiceError):
-    """A service kept exiting: more than RESTART_LIMIT restarts within RESTART_WINDOW seconds."""
+# The restart policy's names come from flows.ops.supervision; `sngp serve` reads them here.
+__all__ = [
+    "RESTART_BACKOFF_CAP",
+    "RESTART_LIMIT",
+    "RESTART_WINDOW",
+    "CrashLoop",
+    "Services",
+    "start_services",
+]
 
 
 class Services(StackSettings):
@@ -85,13 +86,8 @@ class Services(StackSettings):
         self._t0 = 0.0
         self._up: set[str] = set()  # start-up steps done
         self._workers_since: datetime | None = None  # when the workers were started
-        # Supervision (supervise()): how to start each long-running child again, when each was restarted
-        # (monotonic), restarts due (key: when), services down since (key: monotonic), and whether the
-        # work pool and automations are to be re-ensured once the restarted Prefect server answers.
-        self._spawners: dict[str, Callable[[], Child]] = {}
-        self._restarts: dict[str, list[float]] = {}
-        self._due: dict[str, float] = {}
-        self._down: dict[str, tuple[float, datetime]] = {}
+        self._supervisor = Supervisor(self._log)  # restarts the long-running children (supervise())
+        # Whether the work pool and automations are to be re-ensured once a restarted Prefect server answers.
         self._resync = False
 
     @property
@@ -104,7 +100,7 @@ class Services(StackSettings):
         ours = set(self.worker_names)
         return {
             w.name: w.model_dump(mode="json")
-            for w in _read_workers(self.prefect_api_url, self.work_pool)
+            for w in read_workers(self.prefect_api_url, self.work_pool)
             if w.name in ours
         }
 
@@ -150,9 +146,7 @@ class Services(StackSettings):
         self._t0 = time.monotonic()
         self._up.clear()
         self._workers_since = None
-        self._restarts.clear()
-        self._due.clear()
-        self._down.clear()
+        self._supervisor.reset()
         self._resync = False
         self._log(f"starting Prefect and MLflow servers in {self.data_dir} (logs in {self.log_dir})")
         self._start_servers(mlflow_store, prefect_db, secrets)
@@ -168,30 +162,34 @@ class Services(StackSettings):
     def _start_servers(self, mlflow_store: str, prefect_db: str, secrets: tuple[str, ...]) -> None:
         base = commands.base_env(self.prefect_home)
         death = signal.SIGTERM if self._die_with_parent else None
-        self._spawners["prefect"] = partial(
-            processes.spawn,
-            "Prefect server",
-            commands.prefect_server_command(self.host, self.prefect_port),
-            env=commands.prefect_server_env(
-                base, prefect_db, self.host, self.prefect_port, self.prefect_api_url
+        spawners = {
+            "prefect": partial(
+                processes.spawn,
+                "Prefect server",
+                commands.prefect_server_command(self.host, self.prefect_port),
+                env=commands.prefect_server_env(
+                    base, prefect_db, self.host, self.prefect_port, self.prefect_api_url
+                ),
+                cwd=self.prefect_home,
+                log=self.log_dir / "prefect-server.log",
+                death_signal=death,
+                secrets=secrets,
             ),
-            cwd=self.prefect_home,
-            log=self.log_dir / "prefect-server.log",
-            death_signal=death,
-            secrets=secrets,
-        )
-        self._spawners["mlflow"] = partial(
-            processes.spawn,
-            "MLflow server",
-            commands.mlflow_server_command(self.host, self.mlflow_port, str(self.mlflow_dir / "artifacts")),
-            env=commands.mlflow_server_env(base, mlflow_store),
-            cwd=self.mlflow_dir,
-            log=self.log_dir / "mlflow-server.log",
-            death_signal=death,
-            secrets=secrets,
-        )
-        for key in _SERVERS:
-            self._children[key] = self._spawners[key]()
+            "mlflow": partial(
+                processes.spawn,
+                "MLflow server",
+                commands.mlflow_server_command(
+                    self.host, self.mlflow_port, str(self.mlflow_dir / "artifacts")
+                ),
+                env=commands.mlflow_server_env(base, mlflow_store),
+                cwd=self.mlflow_dir,
+                log=self.log_dir / "mlflow-server.log",
+                death_signal=death,
+                secrets=secrets,
+            ),
+        }
+        for key, spawner in spawners.items():
+            self._children[key] = self._supervisor.start(key, spawner)
 
     def _run_steps(self, steps: dict[str, Callable[[], bool]], stop_event: threading.Event | None) -> None:
         """Call each pending step until it returns True; the first one still pending at the deadline
@@ -275,7 +273,7 @@ class Services(StackSettings):
         # A heartbeat from before this start (a worker of a previous run) does not count as online.
         self._workers_since = datetime.now(UTC) - timedelta(seconds=1)
         for key, name, log in self._worker_slots():
-            self._spawners[key] = partial(
+            spawner = partial(
                 processes.spawn,
                 f"Prefect worker {name!r}",
                 commands.worker_command(self.work_pool, name, self.worker_limit),
@@ -284,16 +282,15 @@ class Services(StackSettings):
                 log=log,
                 death_signal=signal.SIGKILL if self._die_with_parent else None,
             )
-            self._children[key] = self._spawners[key]()
+            self._children[key] = self._supervisor.start(key, spawner)
 
     def _worker_online(self, key: str, name: str) -> bool:
-        if self._workers_since is None:
+        if self._workers_since is None or not worker_online(
+            self.prefect_api_url, self.work_pool, name, self._workers_since
+        ):
             return False
-        for worker in _read_workers(self.prefect_api_url, self.work_pool):
-            if worker.name == name and _online_since(worker, self._workers_since):
-                self._log(f"worker {name!r} is polling {self.work_pool!r} ({self._elapsed():.1f} s)")
-                return True
-        return False
+        self._log(f"worker {name!r} is polling {self.work_pool!r} ({self._elapsed():.1f} s)")
+        return True
 
     def _timeout_error(self, key: str) -> ServiceError:
         child = self._children.get(key)
@@ -320,38 +317,9 @@ class Services(StackSettings):
         workers keep polling and reconnect on their own; one that exits is restarted like any other).
         Raises CrashLoop (naming the service, with its log's last lines) on the RESTART_LIMIT + 1st exit
         within RESTART_WINDOW seconds."""
-        now = time.monotonic()
-        for key, child in list(self._children.items()):
-            if key == "pool" or key in self._due or child.alive:
-                continue
-            processes.reap(child)
-            recent = [t for t in self._restarts.get(key, []) if now - t < RESTART_WINDOW]
-            self._restarts[key] = recent
-            window = f"{RESTART_WINDOW / 60:g} min"
-            if len(recent) >= RESTART_LIMIT:
-                raise CrashLoop(
-                    f"{child.name} exited with code {child.exit_code} after {len(recent)} restarts in "
-                    f"{window}: a crash loop, giving up; {child.tail(15)}"
-                )
-            delay = min(2.0 ** len(recent), RESTART_BACKOFF_CAP)
-            self._due[key] = now + delay
-            self._down.setdefault(key, (now, datetime.now(UTC)))
-            self._log(
-                f"{child.name} exited with code {child.exit_code}; restarting in {delay:g} s "
-                f"({len(recent) + 1}/{RESTART_LIMIT} in {window})"
-            )
-        for key, due in list(self._due.items()):
-            if now >= due:
-                del self._due[key]
-                self._restarts[key].append(now)
-                self._children[key] = self._spawners[key]()
-                if key == "prefect":
-                    self._resync = True
-        for key, (since, since_utc) in list(self._down.items()):
-            if key not in self._due and self._recovered(key, since_utc):
-                del self._down[key]
-                self._log(f"{self._children[key].name} is back ({now - since:.1f} s after it exited)")
-        if self._resync and "prefect" not in self._down:
+        if "prefect" in self._supervisor.supervise(self._children, self._recovered):
+            self._resync = True
+        if self._resync and "prefect" not in self._supervisor.restarting:
             self._resync = False
             self._ensure_pool_and_automations()
         pool = self._children.get("pool")
@@ -363,16 +331,13 @@ class Services(StackSettings):
     @property
     def restarting(self) -> list[str]:
         """The services exited and not answering again yet (keys of `children`)."""
-        return sorted(self._down)
+        return self._supervisor.restarting
 
     def _recovered(self, key: str, since: datetime) -> bool:
         if key in _SERVERS:
             return answers(self._health_url(key))
         name = {slot: name for slot, name, _ in self._worker_slots()}[key]
-        return any(
-            worker.name == name and _online_since(worker, since)
-            for worker in _read_workers(self.prefect_api_url, self.work_pool)
-        )
+        return worker_online(self.prefect_api_url, self.work_pool, name, since)
 
     def _ensure_pool_and_automations(self) -> None:
         """After a Prefect server restart: the work pool (again, --overwrite) and the automations. They
@@ -416,23 +381,3 @@ def start_services(data_dir: str | os.PathLike, **kwargs) -> Iterator[Services]:
         yield services
     finally:
         services.stop()
-
-
-def _read_workers(api_url: str, pool: str) -> list:
-    """The workers the Prefect server at `api_url` knows in `pool` ([] if it cannot say)."""
-    import httpx  # lazy, as Prefect: keeps `sngp --help` fast
-    from prefect.client.orchestration import get_client  # lazy: keeps `sngp --help` fast
-    from prefect.exceptions import PrefectException  # lazy: keeps `sngp --help` fast
-    from prefect.settings import PREFECT_API_URL, temporary_settings  # lazy: keeps `sngp --help` fast
-
-    try:
-        with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-            return client.read_workers_for_work_pool(pool)
-    except (httpx.HTTPError, PrefectException):
-        return []
-
-
-def _online_since(worker, since: datetime) -> bool:
-    """ONLINE with a heartbeat at or after `since`."""
-    beat = worker.last_heartbeat_time
-    return worker.status == "ONLINE" and beat is not None and beat >= since
