@@ -22,7 +22,7 @@ from pathlib import Path
 
 from flows.ops import processes
 from flows.ops.errors import ServiceError
-from flows.ops.network import answers, check_port_free, client_host
+from flows.ops.network import answers, check_port_free, client_url
 
 DEFAULT_MODEL_PORT = 5001
 READY_TIMEOUT = 180.0  # loading TensorFlow and the model takes ~20 s on 2 cores
@@ -67,19 +67,13 @@ class ModelServer:
         die_with_parent: bool = True,
     ):
         self.uri, self.host, self.port = uri, host, port
+        self.url = client_url(host, port)
+        self.invocations_url = f"{self.url}/invocations"
         self.env = env if env is not None else model_server_env()
         self.log, self.cwd = log, cwd or Path.cwd()
         self.die_with_parent = die_with_parent
         self.child: processes.Child | None = None
         self.startup_seconds: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{client_host(self.host)}:{self.port}"
-
-    @property
-    def invocations_url(self) -> str:
-        return f"{self.url}/invocations"
 
     @property
     def alive(self) -> bool:

@@ -12,13 +12,16 @@ from flows.ops.errors import ServiceError
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
 
-def client_host(host: str) -> str:
-    """Host to put in client URLs: wildcard binds are reached through loopback; IPv6 gets brackets."""
+def client_url(host: str, port: int) -> str:
+    """The URL clients use for a server bound to `host`:`port`: wildcard binds are reached through
+    loopback; IPv6 gets brackets."""
     if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "[::1]"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def check_port_free(host: str, port: int, option: str) -> None:

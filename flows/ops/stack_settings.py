@@ -11,7 +11,7 @@ from flows.ops.automation import MIN_HEARTBEAT_SECONDS, crash_after_seconds
 from flows.ops.commands import DEFAULT_HOST, DEFAULT_MLFLOW_PORT, DEFAULT_PREFECT_PORT, DEFAULT_WORK_POOL
 from flows.ops.databases import PostgresURLs, check_database
 from flows.ops.errors import ServiceError
-from flows.ops.network import check_port_free, client_host
+from flows.ops.network import check_port_free, client_url
 from tasks.redaction import redact_url
 
 DEFAULT_TIMEOUT = 120.0
@@ -45,6 +45,10 @@ class StackSettings:
         self.host = host
         self.prefect_port = int(prefect_port)
         self.mlflow_port = int(mlflow_port)
+        # The URLs clients use (`env` gives them to a client process).
+        self.prefect_url = client_url(host, self.prefect_port)
+        self.prefect_api_url = f"{self.prefect_url}/api"
+        self.mlflow_url = client_url(host, self.mlflow_port)
         self.db_url = db_url
         self.prefect_db_url = prefect_db_url
         self.work_pool = work_pool
@@ -55,18 +59,6 @@ class StackSettings:
         self.heartbeat_seconds = int(heartbeat_seconds) if heartbeat_seconds else None
 
     # URLs and places ---------------------------------------------------------------------------
-    @property
-    def prefect_url(self) -> str:
-        return f"http://{client_host(self.host)}:{self.prefect_port}"
-
-    @property
-    def prefect_api_url(self) -> str:
-        return f"{self.prefect_url}/api"
-
-    @property
-    def mlflow_url(self) -> str:
-        return f"http://{client_host(self.host)}:{self.mlflow_port}"
-
     @property
     def mlflow_ui_url(self) -> str:
         # MLflow 3 opens in its GenAI view; this query selects the classic runs/experiments view.
