@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/sngp run --config $(CONFIG)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"
@@ -41,7 +41,8 @@ clean:
 # its absolute path becomes the deployment's `config_path` parameter); empty: the study's settings.
 # monitor/every-15-minutes watches MONITOR_INBOX (created if missing) with MONITOR_MODEL; the automation
 # 'sngp: retrain on drift' runs retrain/nightly on its drift events, at most once per
-# DRIFT_COOLDOWN_MINUTES (created or updated by `sngp deploy-automations`, never duplicated).
+# DRIFT_COOLDOWN_MINUTES; 'sngp: retry a crashed nightly retrain' runs a crashed retrain/nightly run once
+# more as retrain/nightly-retry (both created or updated by `sngp deploy-automations`, never duplicated).
 SNGP_WORK_POOL ?= sngp-pool
 SNGP_RETRAIN_CRON ?= 0 2 * * *
 RETRAIN_CONFIG ?=
@@ -57,8 +58,8 @@ deploy: $(STAMP)
 	mkdir -p "$(abspath $(MONITOR_INBOX))"
 	$(BIN)/prefect work-pool create $(SNGP_WORK_POOL) --type process --overwrite >/dev/null
 	$(DEPLOY_ENV) $(BIN)/prefect --no-prompt deploy --all
-	@test -z "$(RETRAIN_CONFIG)" || $(DEPLOY_ENV) $(BIN)/prefect --no-prompt deploy --name nightly \
-		--param config_path="$(abspath $(RETRAIN_CONFIG))"
+	@test -z "$(RETRAIN_CONFIG)" || for name in nightly nightly-retry; do $(DEPLOY_ENV) $(BIN)/prefect \
+		--no-prompt deploy --name $$name --param config_path="$(abspath $(RETRAIN_CONFIG))" || exit 1; done
 	$(BIN)/sngp deploy-automations --cooldown-minutes $(DRIFT_COOLDOWN_MINUTES)
 
 # Prefect server + MLflow server + $(WORKERS) process worker(s) on $(DATA_DIR); Ctrl-C stops them, data is kept.
