@@ -9,6 +9,7 @@ functions are thread-safe and work headless. Save a figure with ``fig.savefig(pa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NotRequired, TypedDict, Unpack
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -20,6 +21,7 @@ from . import abstention, metrics
 
 __all__ = [
     "DISPLAY_NAMES",
+    "Scene",
     "TRAIN_COLORS",
     "plot_comparison",
     "plot_distance_curve",
@@ -154,14 +156,31 @@ def _draw_row(
     axes[1].set_title(f"(Normalized) Predictive Uncertainty, {model_name}")
 
 
-def _common_kwargs(
+class Scene(TypedDict):
+    """What every decision-surface figure is drawn over, passed as keyword arguments.
+
+    grid_shape: ``(ny, nx)``. x_range, y_range: ``(low, high)`` extent of the grid; also the axis limits.
+    x_train, y_train: training inputs ``(N, 2)`` and class labels ``(N,)``. x_ood: optional OOD inputs
+    ``(M, 2)``, drawn in translucent red.
+    """
+
+    grid_shape: Sequence[int]
+    x_range: Sequence[float]
+    y_range: Sequence[float]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_ood: NotRequired[np.ndarray | None]
+
+
+def _checked_scene(
     grid_shape: Sequence[int],
     x_range: Sequence[float],
     y_range: Sequence[float],
     x_train: np.ndarray,
     y_train: np.ndarray,
-    x_ood: np.ndarray | None,
+    x_ood: np.ndarray | None = None,
 ) -> tuple[tuple[int, int], dict[str, object]]:
+    """A Scene validated -> (grid shape, the keyword arguments of _draw_surface)."""
     shape = _check_grid_shape(grid_shape)
     x, y = _check_training(x_train, y_train)
     kwargs: dict[str, object] = {
@@ -175,16 +194,7 @@ def _common_kwargs(
 
 
 def plot_method(
-    grid_probs: np.ndarray,
-    grid_uncertainty: np.ndarray,
-    *,
-    grid_shape: Sequence[int],
-    x_range: Sequence[float],
-    y_range: Sequence[float],
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_ood: np.ndarray | None = None,
-    model_name: str,
+    grid_probs: np.ndarray, grid_uncertainty: np.ndarray, *, model_name: str, **scene: Unpack[Scene]
 ) -> Figure:
     """Tutorial figure for one method: class-0 probability (left) and normalised uncertainty (right).
 
@@ -192,16 +202,13 @@ def plot_method(
         grid_probs: class-0 probability on the grid, ``grid_shape[0] * grid_shape[1]`` values
             (row-major, y varies slowest), reshaped to ``grid_shape = (ny, nx)``.
         grid_uncertainty: uncertainty on the same grid; divided by its maximum for display.
-        grid_shape: ``(ny, nx)``.
-        x_range, y_range: ``(low, high)`` extent of the grid; also used as axis limits.
-        x_train, y_train: training inputs ``(N, 2)`` and class labels ``(N,)``.
-        x_ood: optional OOD inputs ``(M, 2)``, drawn in translucent red.
         model_name: shown in the panel titles.
+        **scene: the grid and the data drawn over it (:class:`Scene`).
 
     Returns:
         A 14x5 inch :class:`~matplotlib.figure.Figure` with two image panels and their colorbars.
     """
-    shape, kwargs = _common_kwargs(grid_shape, x_range, y_range, x_train, y_train, x_ood)
+    shape, kwargs = _checked_scene(**scene)
     probs = _check_grid_values(grid_probs, shape, "grid_probs")
     unc = _check_grid_values(grid_uncertainty, shape, "grid_uncertainty")
     fig = Figure(figsize=(_PANEL_WIDTH, _ROW_HEIGHT))
@@ -210,22 +217,13 @@ def plot_method(
     return fig
 
 
-def plot_comparison(
-    surfaces: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    *,
-    grid_shape: Sequence[int],
-    x_range: Sequence[float],
-    y_range: Sequence[float],
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_ood: np.ndarray | None = None,
-) -> Figure:
+def plot_comparison(surfaces: Mapping[str, tuple[np.ndarray, np.ndarray]], **scene: Unpack[Scene]) -> Figure:
     """All methods in one image: one row of (probability, normalised uncertainty) panels per method.
 
     Args:
         surfaces: ``{method_key: (grid_probs, grid_uncertainty)}``; rows follow the dict order and
             titles use :data:`DISPLAY_NAMES` (falling back to the key).
-        grid_shape, x_range, y_range, x_train, y_train, x_ood: as in :func:`plot_method`.
+        **scene: the grid and the data drawn over it (:class:`Scene`).
 
     Returns:
         A figure of width 14 and height ``5 * len(surfaces)`` inches with ``2 * len(surfaces)``
@@ -233,7 +231,7 @@ def plot_comparison(
     """
     if not isinstance(surfaces, Mapping) or len(surfaces) == 0:
         raise ValueError("surfaces must be a non-empty mapping {method: (grid_probs, grid_uncertainty)}")
-    shape, kwargs = _common_kwargs(grid_shape, x_range, y_range, x_train, y_train, x_ood)
+    shape, kwargs = _checked_scene(**scene)
     rows = []
     for key, pair in surfaces.items():
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -248,18 +246,7 @@ def plot_comparison(
     return fig
 
 
-def plot_surface(
-    values: np.ndarray,
-    *,
-    kind: str,
-    grid_shape: Sequence[int],
-    x_range: Sequence[float],
-    y_range: Sequence[float],
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_ood: np.ndarray | None = None,
-    model_name: str,
-) -> Figure:
+def plot_surface(values: np.ndarray, *, kind: str, model_name: str, **scene: Unpack[Scene]) -> Figure:
     """One panel of the tutorial figure on its own (7x5.5, as the notebook's single plots).
 
     ``kind="probability"`` draws the class-0 probability; ``kind="uncertainty"`` the uncertainty
@@ -268,7 +255,7 @@ def plot_surface(
     titles = {"probability": "Class Probability", "uncertainty": "(Normalized) Predictive Uncertainty"}
     if kind not in titles:
         raise ValueError(f"kind must be one of {sorted(titles)}, got {kind!r}")
-    shape, kwargs = _common_kwargs(grid_shape, x_range, y_range, x_train, y_train, x_ood)
+    shape, kwargs = _checked_scene(**scene)
     grid = _check_grid_values(values, shape, "values")
     fig = Figure(figsize=(7.0, 5.5))
     ax = fig.subplots()
