@@ -203,13 +203,13 @@ def print_metrics(table: str, kids: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # 1. Three real tables through `sngp run`
 
-TABLES = {
-    # name -> (writer, table section, classes, holds OOD)
-    "wine": "CSV, id column, no OOD source",
-    "cancer": "Parquet, string labels, ood_path",
-    "digits": "two Parquet files by glob, ood_classes 5-9",
-    "wine-2d": "CSV, 2 features: surfaces over the data's range",
-}
+# Each table's name and what it exercises (prepare() writes it).
+TABLES = [
+    ("wine", "CSV, id column, no OOD source"),
+    ("cancer", "Parquet, string labels, ood_path"),
+    ("digits", "two Parquet files by glob, ood_classes 5-9"),
+    ("wine-2d", "CSV, 2 features: surfaces over the data's range"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,7 @@ def prepare(name: str, workdir) -> tuple[str, pd.DataFrame, dict[str, int], list
     return write_config(workdir, f"table-{name}", table), features.head(7), rows, classes
 
 
-@pytest.fixture(scope="module", params=list(TABLES))
+@pytest.fixture(scope="module", params=[name for name, _ in TABLES])
 def table_run(request, workdir):
     name = request.param
     config, sample, rows, classes = prepare(name, workdir)
@@ -278,7 +278,7 @@ def test_table_run_records_everything(table_run, workdir, mlflow_reader):
     name, proc, sample, rows, classes = table_run
     reader = mlflow_reader(workdir)
     kids = check_table_record(reader.uri, proc.parent_id, rows, classes, grid=name == "wine-2d")
-    print_metrics(f"{name} ({TABLES[name]}; rows {rows})", kids)
+    print_metrics(f"{name} ({dict(TABLES)[name]}; rows {rows})", kids)
     for method, run in kids.items():
         assert run.data.params["standardize"] == "True", method  # the scaling travels with the model
         assert run.data.metrics["test_accuracy"] > 0.6, (name, method, run.data.metrics["test_accuracy"])
