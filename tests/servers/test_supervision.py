@@ -1,16 +1,21 @@
 """`sngp serve` supervises its services (issue 16, item 1), on real servers; nothing is mocked.
 
-One stack for the module, faults injected one after another:
-- the MLflow server SIGKILLed (its whole process group): serve restarts it, a `sngp run` then completes
-  with a complete record, serve is still up;
+One stack for the module (`--heartbeat-seconds 30`), faults injected one after another while work is in
+flight:
+- a `sngp run` (default --server-grace 60) without a fault: the baseline duration;
+- the MLflow server SIGKILLed (its whole process group) while a `sngp run` against the stack trains: serve
+  restarts it, the run exits 0 with a complete record, serve is still up;
 - the same for the Prefect server; the worker comes back online and the work pool and the crash
   automation are still there;
-- the worker SIGKILLed: restarted, online again.
+- the worker SIGKILLed while it runs a flow run of the smoke deployment: serve restarts it; the flow-run
+  process lives on in a session of its own (Prefect's process worker starts it so) and completes with
+  a complete record; the next run of the deployment completes on the restarted worker.
 And on a stack of its own, a crash loop: the MLflow server killed while another program holds its port, so
 every restart exits at once; serve gives up within 2 minutes with a message naming it, stops everything
 and exits 1.
 
-Each test prints its figures (time to detect, time to recover), for the Faults table in README.md.
+Each test prints its figures (time to detect, time to recover, the run's duration against the baseline),
+for the Faults table in README.md.
 """
 
 from __future__ import annotations
@@ -20,17 +25,22 @@ import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
-from support.cli import PARENT_ID, SMOKE, SNGP, sngp_env
+from support.cli import PARENT_STARTED, SMOKE, SNGP, SngpProcess, clean_server_env, describe
 from support.net import http_json
-from support.records import check_complete_record
+from support.records import check_complete_record, children, client, prefect_completed
 from support.stack import ServeProcess, alive
 
-from flows.ops.automation import CRASH_AUTOMATION_NAME
+from flows.ops.automation import CRASH_AUTOMATION_NAME, crash_after_seconds
 from flows.ops.commands import DEFAULT_WORK_POOL, WORKER_NAME
 
+ROOT = Path(__file__).resolve().parents[2]
 RECOVER_WITHIN = 240.0  # busy shared CPUs: a server restart takes 5-30 s here
+SMOKE_ONE = ["run", "--config", str(SMOKE), "--set", "methods=[deterministic]"]
+SMOKE_DEPLOYMENT = "uncertainty-pipeline/smoke"
+PREFECT = SNGP.parent / "prefect"
 
 
 def _wait_line(serve: ServeProcess, pattern: str, after: int, timeout: float) -> float:
@@ -60,19 +70,25 @@ def _kill(serve: ServeProcess, role: str, name: str) -> tuple[float, float]:
     return detect, recover
 
 
-def _smoke_run(serve: ServeProcess, tmp_path, tag: str) -> None:
-    """`sngp run` of the smoke config (deterministic only) against the stack: a complete record."""
-    workdir = tmp_path / f"run-{tag}"
-    workdir.mkdir()
-    env = sngp_env(workdir, serve.prefect_api, MLFLOW_TRACKING_URI=serve.mlflow_url)
-    proc = serve.run(
-        [SNGP, "run", "--config", SMOKE, "--set", "methods=[deterministic]"], env, cwd=workdir, timeout=900
+def _kill_mid_run(serve: ServeProcess, role: str, name: str, baseline: float) -> SngpProcess:
+    """SIGKILL `role` once a `sngp run` against the stack has opened its MLflow parent run (it is training
+    then); serve restarts it, the run exits 0 with a complete record and serve is still up."""
+    proc = serve.start_sngp(SMOKE_ONE, f"run-{role}")
+    try:
+        assert proc.wait_for(PARENT_STARTED, 600), describe(proc)
+        into = time.monotonic() - proc.started
+        detect, recover = _kill(serve, role, name)
+    except BaseException:
+        proc.cleanup()
+        raise
+    serve.completed(proc, ["deterministic"])
+    assert serve.running, serve.output
+    print(
+        f"{name} killed {into:.1f} s into a `sngp run`: detected {detect:.1f} s, back {recover:.1f} s "
+        f"after the kill; the run exited 0 after {proc.seconds:.1f} s (no fault: {baseline:.1f} s), "
+        "record complete"
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    parent = PARENT_ID.search(proc.stdout)
-    assert parent, proc.stdout
-    check_complete_record(serve.mlflow_url, parent.group(1), ["deterministic"])
-    print(f"sngp run after the restart: {proc.seconds:.1f} s")
+    return proc
 
 
 def _worker_online_since(serve: ServeProcess, since: float, timeout: float = 120) -> None:
@@ -97,41 +113,136 @@ def _worker_online_since(serve: ServeProcess, since: float, timeout: float = 120
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("supervised")
-    serve = ServeProcess(root / "stack", "--heartbeat-seconds", "30", cwd=root / "cwd")
+    # The worker's flow runs (they run in this checkout) keep their task cache in the test's folders.
+    env = clean_server_env(SNGP_CACHE_DIR=str(root / "worker-cache"))
+    serve = ServeProcess(
+        root / "stack", "--heartbeat-seconds", "30", env=env, cwd=root / "cwd", client_dir=root / "client"
+    )
     serve.start()
     try:
-        yield serve, root
+        yield serve
     finally:
         serve.cleanup()
 
 
-def test_mlflow_server_killed_is_restarted(stack):
-    serve, root = stack
-    _kill(serve, "mlflow", "MLflow server")
-    _smoke_run(serve, root, "mlflow")
-    assert serve.running
+@pytest.fixture(scope="module")
+def baseline(stack) -> float:
+    """Seconds of a `sngp run` against the stack without a fault (record complete)."""
+    proc = stack.start_sngp(SMOKE_ONE, "run-baseline")
+    stack.completed(proc, ["deterministic"])
+    print(f"\nsngp run without a fault: {proc.seconds:.1f} s")
+    return proc.seconds
 
 
-def test_prefect_server_killed_is_restarted(stack):
-    serve, root = stack
+def test_mlflow_server_killed_mid_run_is_restarted_and_the_run_completes(stack, baseline):
+    _kill_mid_run(stack, "mlflow", "MLflow server", baseline)
+
+
+def test_prefect_server_killed_mid_run_is_restarted_and_the_run_completes(stack, baseline):
+    serve = stack
     killed_at = time.time()
-    _kill(serve, "prefect", "Prefect server")
+    proc = _kill_mid_run(serve, "prefect", "Prefect server", baseline)
     # The work pool and the crash automation are re-ensured; the worker reconnects.
     _worker_online_since(serve, killed_at + 1)
     pools = http_json(f"{serve.prefect_api}/work_pools/filter", {})
     assert DEFAULT_WORK_POOL in [p["name"] for p in pools]
     automations = http_json(f"{serve.prefect_api}/automations/filter", {})
     assert [a["name"] for a in automations].count(CRASH_AUTOMATION_NAME) == 1
-    _smoke_run(serve, root, "prefect")
-    assert serve.running
+    # Prefect's record of the run survived the restart: the flow run and every task run COMPLETED.
+    flow_run_id = client(serve.mlflow_url).get_run(proc.parent_id).data.tags["prefect.flow_run_id"]
+    prefect_completed(serve.prefect_api, flow_run_id)
 
 
-def test_worker_killed_is_restarted(stack):
-    serve, _ = stack
-    killed_at = time.time()
-    _kill(serve, "worker", f"Prefect worker {WORKER_NAME!r}")
+# ---------------------------------------------------------------------------------------------------------
+# The worker, with a deployment run in flight
+
+
+def _deploy_smoke(serve: ServeProcess) -> dict:
+    """prefect.yaml's smoke deployment registered from this checkout (`prefect deploy --name smoke`, what
+    `make deploy` does for every deployment)."""
+    env = serve.client_env(mlflow=False, SNGP_PROJECT_DIR=str(ROOT))
+    proc = serve.run([PREFECT, "--no-prompt", "deploy", "--name", "smoke"], env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, describe(proc)
+    return http_json(f"{serve.prefect_api}/deployments/name/{SMOKE_DEPLOYMENT}")
+
+
+def _run_deployment(serve: ServeProcess, deployment: dict) -> str:
+    """A flow run of the deployment (deterministic only), as `prefect deployment run` creates it -> its id."""
+    run = http_json(
+        f"{serve.prefect_api}/deployments/{deployment['id']}/create_flow_run",
+        {"parameters": {"methods": ["deterministic"]}},
+    )
+    return run["id"]
+
+
+def _flow_state(serve: ServeProcess, flow_run_id: str) -> dict:
+    return http_json(f"{serve.prefect_api}/flow_runs/{flow_run_id}")["state"]
+
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _wait_state(serve: ServeProcess, flow_run_id: str, types: set[str], timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while (state := _flow_state(serve, flow_run_id))["type"] not in types:
+        if time.monotonic() > deadline:
+            log = (serve.data_dir / "logs" / "worker.log").read_text(errors="replace")[-4000:]
+            pytest.fail(
+                f"flow run {flow_run_id} still {state} after {timeout:.0f} s\n--- worker.log ---\n{log}"
+            )
+        time.sleep(1)
+    return state
+
+
+def _parents_of(serve: ServeProcess, flow_run_id: str) -> list:
+    """The MLflow parent runs a flow run of the smoke deployment opened."""
+    mlflow = client(serve.mlflow_url)
+    experiment = mlflow.get_experiment_by_name("sngp-smoke")
+    if experiment is None:
+        return []
+    return mlflow.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    )
+
+
+def test_worker_killed_with_a_deployment_run_in_flight(stack):
+    """The worker SIGKILLed while its flow run trains: serve restarts the worker. The flow-run process
+    outlives it (its own session) but its console is the dead worker's pipe: at its next log line it
+    exits (rich's broken-pipe handling raises SystemExit) and the run ends Crashed, its MLflow runs
+    KILLED; were it silent for good, the crash automation would mark it Crashed after 120 s. Nothing is
+    left RUNNING, and the next run of the deployment completes on the restarted worker."""
+    serve = stack
+    deployment = _deploy_smoke(serve)
+    flow_run_id = _run_deployment(serve, deployment)
+    _wait_state(serve, flow_run_id, {"RUNNING"}, 300)
+    deadline = time.monotonic() + 300
+    while not _parents_of(serve, flow_run_id):  # in the pipeline: its parent run is open, training starts
+        assert time.monotonic() < deadline, _flow_state(serve, flow_run_id)
+        time.sleep(0.5)
+    killed_at, started = time.time(), time.monotonic()
+    detect, recover = _kill(serve, "worker", f"Prefect worker {WORKER_NAME!r}")
     _worker_online_since(serve, killed_at)
-    assert serve.running
+    crashed = _wait_state(serve, flow_run_id, FINAL, crash_after_seconds(30) + 90)
+    ended = time.monotonic() - started
+    assert crashed["type"] == "CRASHED", crashed
+    mlflow = client(serve.mlflow_url)
+    [parent] = _parents_of(serve, flow_run_id)
+    left = [parent, *children(mlflow, parent.info.run_id).values()]
+    assert parent.info.status == "KILLED", parent.info
+    assert not [r.info.run_name for r in left if r.info.status == "RUNNING"], left
+
+    again = _run_deployment(serve, deployment)
+    rerun_started = time.monotonic()
+    assert _wait_state(serve, again, FINAL, 600)["type"] == "COMPLETED"
+    rerun = time.monotonic() - rerun_started
+    [parent] = _parents_of(serve, again)
+    check_complete_record(serve.mlflow_url, parent.info.run_id, ["deterministic"])
+    assert serve.running, serve.output
+    print(
+        f"worker killed with a flow run in flight: detected {detect:.1f} s, online again {recover:.1f} s; "
+        f"the flow run Crashed {ended:.1f} s after the kill ({crashed['message']}), MLflow runs KILLED; "
+        f"the next deployment run COMPLETED in {rerun:.1f} s, record complete"
+    )
 
 
 def test_crash_loop_stops_serve_with_a_message(tmp_path):

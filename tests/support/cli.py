@@ -21,6 +21,8 @@ SNGP = Path(sys.executable).parent / "sngp"
 SMOKE = REPO / "conf" / "smoke.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PARENT_ID = re.compile(r"MLflow parent run: ([0-9a-f]{32})")
+# What the pipeline logs once it has opened its parent run (before training): a run in flight.
+PARENT_STARTED = r"MLflow parent run [0-9a-f]{32}"
 TASK_STATE = re.compile(r"Task run '([\w.-]+)' - Finished in state (\S+)")
 
 

@@ -239,6 +239,21 @@ class PgCluster:
             server.kill()
             server.wait()
 
+    def restart(self, down: float = 0.0, timeout: float = 60) -> float:
+        """Stop the server (fast mode: every client connection is cut), wait `down` seconds, start it
+        again on the same port and data; returns the seconds until it accepts connections again."""
+        assert self.root is not None and self.port, "cluster not started"
+        started = time.monotonic()
+        self._shutdown_server()
+        time.sleep(down)
+        self._server = self._launch_postgres(self.port)
+        deadline = time.monotonic() + timeout
+        while not self._accepting(self.port):
+            if self._server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start again on port {self.port}{self._log_tail()}")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
     def url(self, database: str = "postgres") -> str:
         """SQLAlchemy/libpq URL (with the password) for `database`."""
         return self._url_for(self.port, database)

@@ -1,9 +1,11 @@
-"""Reading what a run recorded the way a user would: through MLflow's client, never the artefact folder;
-and the one check that a pipeline run's MLflow record is complete."""
+"""Reading what a run recorded the way a user would: through MLflow's client, never the artefact folder
+(and Prefect's record over its REST API); and the one check that a pipeline run's MLflow record is
+complete."""
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -11,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from sngp_models.evaluation import GRID_METRICS, METRIC_NAMES
 
 from .cli import PNG_MAGIC
+from .net import http_json
 
 ALL_METHODS = ("deterministic", "sngp", "mc_dropout", "deep_ensemble", "exact_gp")
 STUDY_METHODS = ALL_METHODS[:4]
@@ -142,3 +145,20 @@ def comparable_metrics(kids: dict) -> dict[str, dict[str, float]]:
     return {
         m: {k: v for k, v in r.data.metrics.items() if not k.endswith("_seconds")} for m, r in kids.items()
     }
+
+
+def prefect_states(api_url: str, flow_run_id: str) -> dict[str, str]:
+    """The flow run's state type ('flow') and its task runs' (by name), as the Prefect server has them."""
+    flow = http_json(f"{api_url}/flow_runs/{flow_run_id}")
+    tasks = http_json(f"{api_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {"flow": flow["state_type"], **{t["name"]: t["state_type"] for t in tasks}}
+
+
+def prefect_completed(api_url: str, flow_run_id: str, timeout: float = 60) -> dict[str, str]:
+    """prefect_states() once the flow run and every task run are COMPLETED; AssertionError with what the
+    server has if they are not within `timeout` s (it applies state events a moment after they arrive)."""
+    deadline = time.monotonic() + timeout
+    while set((states := prefect_states(api_url, flow_run_id)).values()) != {"COMPLETED"}:
+        assert time.monotonic() < deadline, f"Prefect's record of flow run {flow_run_id}: {states}"
+        time.sleep(1)
+    return states

@@ -20,9 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .cli import SNGP, clean_server_env
+from .cli import SNGP, SngpProcess, clean_server_env, describe, sngp_env
 from .net import two_ports
-from .records import MlflowReader
+from .records import MlflowReader, check_complete_record
 
 START_TIMEOUT = 180.0  # how long a test waits for `sngp serve` (without --timeout) to come up
 RUN_TIMEOUT = 900.0  # a client command run to the end
@@ -142,6 +142,26 @@ class StackClient:
         )
         proc.seconds = time.monotonic() - started
         return proc
+
+    def start_sngp(self, args: list[str], tag: str) -> SngpProcess:
+        """`sngp ARGS` against both servers, started (not waited for) in a fresh working directory
+        client_dir/TAG with its own PREFECT_HOME and task cache: runs with different tags share nothing,
+        so each trains from scratch and their durations compare."""
+        workdir = self.client_dir / tag
+        env = sngp_env(workdir, self.prefect_api, MLFLOW_TRACKING_URI=self.mlflow_url)
+        return SngpProcess(args, workdir, env)
+
+    def completed(self, proc: SngpProcess, methods: list[str], timeout: float = RUN_TIMEOUT) -> str:
+        """Wait for a `sngp run` started by start_sngp: exit 0, no traceback, and a complete record of
+        `methods` on the MLflow server (records.check_complete_record) -> its parent run id."""
+        try:
+            code = proc.wait(timeout)
+        finally:
+            proc.cleanup()
+        assert code == 0, describe(proc)
+        assert "Traceback" not in proc.stderr, describe(proc)
+        check_complete_record(self.mlflow_url, proc.parent_id, methods)
+        return proc.parent_id
 
     def reader(self) -> MlflowReader:
         """The MLflow server read through its client; downloads go to client_dir/downloads."""
