@@ -1,7 +1,12 @@
 """PostgreSQL databases of the servers: URL checks, the URL each client wants, and a reachability check.
 
 URLs are parsed with SQLAlchemy's `make_url` and only ever shown through tasks.redaction.redact_url
-(postgresql://user:***@host/db)."""
+(postgresql://user:***@host/db).
+
+No pool settings are passed on: both servers' SQLAlchemy engines already test each pooled connection
+before use (`pool_pre_ping=True` in MLflow's `create_sqlalchemy_engine` and in Prefect's PostgreSQL
+configuration), so after a PostgreSQL restart their next requests open new connections instead of
+failing (tests/servers/test_postgres_restart.py)."""
 
 from __future__ import annotations
 
