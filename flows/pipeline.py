@@ -14,55 +14,36 @@ from typing import Any
 
 from prefect import flow
 
-from flows.config import (
-    DataConfig,
-    Dataset,
-    DeepEnsembleConfig,
-    DigitsConfig,
-    ExactGPConfig,
-    MCDropoutConfig,
-    Method,
-    MlflowConfig,
-    ModelSection,
-    ServingConfig,
-    SNGPConfig,
-    TableConfig,
-    TrainingConfig,
-    config_from_flow_parameters,
-)
+from flows.config import PipelineConfig, config_from_flow_parameters
+from flows.flow_parameters import config_parameters
 from tasks.data import data_classes, data_file
 from tasks.evaluate import submit_evaluation
-from tasks.recording import finish_parent, parent_run, record_methods
+from tasks.recording import ParentRun, finish_parent, parent_run, record_methods
 from tasks.train import submit_training
 
 
 @flow(name="uncertainty-pipeline", log_prints=True)
-def uncertainty_pipeline(
-    seed: int = 0,
-    methods: list[Method] | None = None,
-    dataset: Dataset = "two_moons",
-    data: DataConfig = DataConfig(),
-    digits: DigitsConfig = DigitsConfig(),
-    table: TableConfig = TableConfig(),
-    model: ModelSection = ModelSection(),
-    training: TrainingConfig = TrainingConfig(),
-    sngp: SNGPConfig = SNGPConfig(),
-    mc_dropout: MCDropoutConfig = MCDropoutConfig(),
-    deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig(),
-    exact_gp: ExactGPConfig = ExactGPConfig(),
-    serving: ServingConfig = ServingConfig(),
-    mlflow: MlflowConfig = MlflowConfig(),
-) -> dict[str, Any]:
+@config_parameters(without=["retrain"])
+def uncertainty_pipeline(**sections: Any) -> dict[str, Any]:
     """SNGP vs. deterministic ResNet, MC Dropout and Deep Ensemble (parameters: conf/default.yaml)."""
     # Every parameter is a config section: ConfigError (a ValueError) names the field and what is allowed.
-    config = config_from_flow_parameters(locals())
+    config = config_from_flow_parameters(sections)
     with parent_run(kind="pipeline", **config.record_settings()) as parent:
         data_path = data_file(seed=config.seed, **config.data_settings())
-        classes = data_classes(data_path)  # a table's classes are known once it is read
-        trained = submit_training(config.methods, config.training_settings(classes), data_path)
-        evaluated, plotted = submit_evaluation(
-            config.methods, trained, data_path, config.serving.target_coverage
-        )
-        settings = config.method_settings(classes)
-        results = record_methods(settings, trained, evaluated, plotted, parent, data_path)
+        results = train_evaluate_record(config, data_path, parent)
         return finish_parent(results, data_path, parent)
+
+
+def train_evaluate_record(
+    config: PipelineConfig, data_path: str, parent: ParentRun, eval_path: str | None = None
+) -> dict[str, dict[str, Any] | BaseException]:
+    """Train every method of `config` on `data_path`, evaluate and plot each on `eval_path` (default: the
+    test split of `data_path`), record one nested MLflow run per method under `parent` -> method -> its
+    result dict, or the error it failed with (tasks.recording.record_methods)."""
+    classes = data_classes(data_path)  # a table's classes are known once it is read
+    trained = submit_training(config.methods, config.training_settings(classes), data_path)
+    evaluated, plotted = submit_evaluation(
+        config.methods, trained, eval_path or data_path, config.serving.target_coverage
+    )
+    settings = config.method_settings(classes)
+    return record_methods(settings, trained, evaluated, plotted, parent, data_path, eval_path)

@@ -17,54 +17,23 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.config import (
-    DataConfig,
-    Dataset,
-    DeepEnsembleConfig,
-    DigitsConfig,
-    ExactGPConfig,
-    MCDropoutConfig,
-    Method,
-    MlflowConfig,
-    ModelSection,
-    RetrainConfig,
-    ServingConfig,
-    SNGPConfig,
-    TableConfig,
-    TrainingConfig,
-    config_from_flow_parameters,
-)
-from tasks.data import data_classes, data_file, holdout_file, source_description
-from tasks.evaluate import submit_evaluation
-from tasks.recording import parent_run, raise_first_failure, record_methods
+from flows.config import config_from_flow_parameters
+from flows.flow_parameters import config_parameters
+from flows.pipeline import train_evaluate_record
+from tasks.data import data_file, holdout_file, source_description
+from tasks.recording import parent_run, raise_first_failure
 from tasks.registry import promote_all
-from tasks.train import submit_training
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(
-    config_path: str | None = None,
-    seed: int = 0,
-    methods: list[Method] | None = None,
-    dataset: Dataset = "two_moons",
-    data: DataConfig = DataConfig(),
-    digits: DigitsConfig = DigitsConfig(),
-    table: TableConfig = TableConfig(),
-    model: ModelSection = ModelSection(),
-    training: TrainingConfig = TrainingConfig(),
-    sngp: SNGPConfig = SNGPConfig(),
-    mc_dropout: MCDropoutConfig = MCDropoutConfig(),
-    deep_ensemble: DeepEnsembleConfig = DeepEnsembleConfig(),
-    exact_gp: ExactGPConfig = ExactGPConfig(),
-    serving: ServingConfig = ServingConfig(),
-    mlflow: MlflowConfig = MlflowConfig(),
-    retrain: RetrainConfig = RetrainConfig(),
-) -> dict[str, Any]:
+@config_parameters()
+def retrain(config_path: str | None = None, **sections: Any) -> dict[str, Any]:
     """Retrain on fresh data (or your table, read again); promote each method's new model only if it is
     at least as good. `config_path`: a YAML config (e.g. conf/table_example.yaml) as the base; the
     sections passed besides it override the keys they set."""
-    # Every parameter is a config section: ConfigError (a ValueError) names the field and what is allowed.
-    config = config_from_flow_parameters(locals())
+    # Every other parameter is a config section: ConfigError (a ValueError) names the field and what is
+    # allowed.
+    config = config_from_flow_parameters({"config_path": config_path, **sections})
     policy = config.retrain
     data_seed = policy.data_seed if policy.data_seed is not None else secrets.randbelow(2**31 - 1)
     source = source_description(config.data_settings(), data_seed, policy.holdout_seed)
@@ -73,13 +42,7 @@ def retrain(
     with parent_run(kind="retrain", extra_tags=tags, **config.record_settings()) as parent:
         data_path = data_file(seed=data_seed, **config.data_settings())
         holdout_path = holdout_file(holdout_seed=policy.holdout_seed, **config.data_settings())
-        classes = data_classes(data_path)  # a table's classes are known once it is read
-        trained = submit_training(config.methods, config.training_settings(classes), data_path)
-        evaluated, plotted = submit_evaluation(
-            config.methods, trained, holdout_path, config.serving.target_coverage
-        )
-        settings = config.method_settings(classes)
-        outcomes = record_methods(settings, trained, evaluated, plotted, parent, data_path, holdout_path)
+        outcomes = train_evaluate_record(config, data_path, parent, holdout_path)
         decisions = promote_all(outcomes, data_path, holdout_path, policy.model_dump())
         raise_first_failure(outcomes)
         return {"data_seed": data_seed, "decisions": decisions}
