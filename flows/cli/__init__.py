@@ -3,7 +3,8 @@
 Each subcommand module defines `HELP` (one line), `add_arguments(parser)` and `main(args) -> int`.
 Errors the user can fix (bad config, port in use, ...) raise `UserError`: printed as one line, exit 2;
 a run ended from outside (a server away longer than --server-grace, a full disk) raises `RunFailed`:
-one line, exit 1. `--debug` shows the traceback instead.
+one line, exit 1. `--debug` shows the traceback instead. A flow run that failed raises `FlowFailed`:
+its one line, exit 1.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from flows.cli.errors import RunFailed, UserError
+from flows.cli.errors import FlowFailed, RunFailed, UserError
 from flows.ops.errors import ServiceError
 
 SUBCOMMANDS = {
@@ -76,6 +77,9 @@ def _run(argv: list[str] | None) -> int:
             raise
         print(f"sngp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FlowFailed as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except RunFailed as exc:  # a server away longer than --server-grace, a full disk
         if args.debug:
             raise

@@ -1,4 +1,4 @@
-"""What every `sngp` command shares: the config options, the checks made before Prefect or MLflow is
+"""What the `sngp` commands share: their common options, the checks made before Prefect or MLflow is
 imported, the one error type that becomes a one-line message with exit code 2, and running a flow
 (flows/cli/faults.py: riding out servers that are away, one-line reports of faults)."""
 
@@ -10,21 +10,34 @@ import importlib.metadata
 import inspect
 import os
 import signal
-import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from flows.cli.errors import UserError
-from flows.cli.faults import disk_full, one_line_console, server_unavailable
+from flows.cli.errors import FlowFailed, UserError
+from flows.cli.faults import (
+    add_server_grace_argument,
+    disk_full,
+    one_line_console,
+    prepare_clients,
+    server_unavailable,
+)
 from flows.config import ConfigError, PipelineConfig, load_config
 from flows.ops.local_prefect import LocalPrefectServer, start_if_local
 from tasks.redaction import redact
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "default.yaml"
+
+
+def add_flow_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a flow on a pipeline config (run, retrain)."""
+    add_config_arguments(parser)
+    add_tracking_argument(parser)
+    add_server_grace_argument(parser)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,21 +58,45 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_tracking_argument(parser: argparse.ArgumentParser) -> None:
+def add_tracking_argument(
+    parser: argparse.ArgumentParser,
+    default: str = "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory with "
+    "artefacts in ./mlartifacts",
+    use: str = "",
+) -> None:
+    """--tracking-uri; `default`: where the command looks when it is not given, `use`: what for."""
     parser.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
-        "in the working directory with artefacts in ./mlartifacts)",
+        "--tracking-uri", metavar="URI", default=None, help=f"MLflow tracking URI{use} (default: {default})"
     )
 
 
+def add_cache_dir_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--cache-dir, which use_cache_dir applies."""
+    parser.add_argument("--cache-dir", metavar="DIR", default=None, help=help_text)
+
+
+def use_cache_dir(args: argparse.Namespace) -> None:
+    """--cache-dir as SNGP_CACHE_DIR (absolute), which the tasks and any worker processes read."""
+    if getattr(args, "cache_dir", None):  # a command without --cache-dir uses the default
+        os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
+
+
+def add_timeout_argument(parser: argparse.ArgumentParser, default: float, until: str) -> None:
+    parser.add_argument(
+        "--timeout", type=float, default=default, metavar="SECONDS",
+        help=f"how long to wait for {until} (default: %(default)s)",
+    )  # fmt: skip
+
+
 def checked_config(args: argparse.Namespace) -> PipelineConfig:
-    """The validated config of `args`, once the cache folder and the tracking URI are known to work."""
+    """The validated config of `args` (add_flow_arguments' options), once the cache folder, the tracking
+    URI and --server-grace are known to work; the clients' retry settings are then in place."""
+    use_cache_dir(args)
     config = config_from_args(args)
     check_cache_dir()
-    return check_tracking(config)  # also keeps a password in the URI out of the flow's parameters
+    config = check_tracking(config)  # also keeps a password in the URI out of the flow's parameters
+    prepare_clients(args)
+    return config
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -155,12 +192,18 @@ def flow_kwargs(config: PipelineConfig, flow=None) -> dict:
     return {name: getattr(config, name) for name in PipelineConfig.model_fields if name in accepted}
 
 
-def run_flow(failure: str, config: PipelineConfig, load_flow: Callable[[], Any]) -> Any | None:
+class FinishedRun(NamedTuple):
+    state: Any  # the flow run's final state (Completed)
+    seconds: float  # run_flow's wall time: Prefect's start, the imports, the flow run
+
+
+def run_flow(failure: str, config: PipelineConfig, load_flow: Callable[[], Any]) -> FinishedRun:
     """Run a pipeline flow (`load_flow()` imports and returns it) on `config` in this process -> its
-    final state, or None once a failed run has been reported as one line starting with `failure`.
+    final state and how long it all took; FlowFailed (one line starting with `failure`) if it failed.
 
     In local mode Prefect's temporary server starts first and the heavy imports (Prefect, MLflow and,
     on a first run, TensorFlow) happen while it starts: most of a cached run's time otherwise."""
+    started = time.perf_counter()
     terminate_on_sigterm()
     local_server = start_if_local()
     flow = load_flow()
@@ -171,15 +214,14 @@ def run_flow(failure: str, config: PipelineConfig, load_flow: Callable[[], Any])
         # A first run on this machine: Prefect still migrates its new database (~5 s) and the run
         # will train, so load TensorFlow and the models (~3.5 s) now instead of in the first task.
         import sngp_models.models  # noqa: F401 - lazy: TensorFlow, only on a first run
-    return finish_flow_run(failure, local_server, flow, **flow_kwargs(config, flow))
+    state = finish_flow_run(failure, local_server, flow, **flow_kwargs(config, flow))
+    return FinishedRun(state, time.perf_counter() - started)
 
 
-def finish_flow_run(
-    failure: str, local_server: LocalPrefectServer | None, flow: Any, **parameters
-) -> Any | None:
+def finish_flow_run(failure: str, local_server: LocalPrefectServer | None, flow: Any, **parameters) -> Any:
     """Run `flow(**parameters)` once the temporary server `local_server` (None: a configured server)
-    answers -> the final state, or None once a failure was printed as one line starting with `failure`.
-    RunFailed if a server stopped answering for the whole grace, or a disk was full."""
+    answers -> the final (completed) state. FlowFailed, one line starting with `failure`, if the run
+    failed; RunFailed if a server stopped answering for the whole grace, or a disk was full."""
     if local_server is not None:
         local_server.wait_ready()
     one_line_console()
@@ -199,5 +241,5 @@ def finish_flow_run(
         failed = server_unavailable(exc) or disk_full(exc)
         if failed is not None:
             raise failed from exc
-        print(f"{failure}: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
-    return None
+        raise FlowFailed(f"{failure}: {type(exc).__name__}: {redact(str(exc))}") from exc
+    raise FlowFailed(f"{failure}: the flow run ended {state.name}")

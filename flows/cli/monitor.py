@@ -8,11 +8,7 @@ import argparse
 import os
 import time
 
-from flows.cli.common import (
-    UserError,
-    finish_flow_run,
-    terminate_on_sigterm,
-)
+from flows.cli.common import UserError, add_tracking_argument, finish_flow_run, terminate_on_sigterm
 from flows.cli.faults import add_server_grace_argument, prepare_clients
 from flows.cli.serve_model import add_model_argument, resolved_model, tracking_uri
 from flows.ops.local_prefect import start_if_local
@@ -32,10 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--alpha", type=float, default=DEFAULT_ALPHA,
         help="false-alarm rate per batch of the drift test (default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument(
-        "--tracking-uri", metavar="URI", default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
-    )  # fmt: skip
+    add_tracking_argument(parser, default="$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     add_server_grace_argument(parser)
     parser.epilog = (
         "Drift: a one-sided test of each batch's abstain count against the model's reference split "
@@ -68,8 +61,6 @@ def main(args: argparse.Namespace) -> int:
         "sngp monitor: failed", local_server, monitor,
         model=args.model, inbox=str(inbox), alpha=alpha, tracking_uri=parameter,
     )  # fmt: skip
-    if state is None:
-        return 1
     result = state.result()
     print_summary(result, ref.label, time.perf_counter() - started)
     return 0

@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import time
-from pathlib import Path
 
-from flows.cli.common import (
-    add_config_arguments,
-    add_tracking_argument,
-    checked_config,
-    run_flow,
-)
-from flows.cli.faults import add_server_grace_argument, prepare_clients
+from flows.cli.common import add_cache_dir_argument, add_flow_arguments, checked_config, run_flow
 from sngp_models.evaluation import SUMMARY_METRICS
 from tasks.redaction import redact
 
@@ -21,14 +12,10 @@ HELP = "Run the uncertainty pipeline once (Prefect local mode unless PREFECT_API
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    add_tracking_argument(parser)
-    add_server_grace_argument(parser)
-    parser.add_argument(
-        "--cache-dir",
-        metavar="DIR",
-        default=None,
-        help="where cached data, models, predictions and plots live "
+    add_flow_arguments(parser)
+    add_cache_dir_argument(
+        parser,
+        "where cached data, models, predictions and plots live "
         "(default: $SNGP_CACHE_DIR, else ./.sngp_cache)",
     )
     parser.epilog = (
@@ -38,15 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.cache_dir:
-        os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
-    config = checked_config(args)
-    prepare_clients(args)
-    started = time.perf_counter()
-    state = run_flow("sngp run: pipeline failed", config, load_pipeline)
-    if state is None:
-        return 1
-    print_summary(state.result(), time.perf_counter() - started, flow_run_seconds(state))
+    finished = run_flow("sngp run: pipeline failed", checked_config(args), load_pipeline)
+    print_summary(finished.state.result(), finished.seconds, flow_run_seconds(finished.state))
     return 0
 
 

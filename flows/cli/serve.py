@@ -26,6 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
+from flows.cli.common import add_timeout_argument
 from flows.ops.automation import CRASH_AUTOMATION_NAME, CRASH_MARGIN_SECONDS, MIN_HEARTBEAT_SECONDS
 from flows.ops.commands import (
     DB_URL_ENV,
@@ -89,10 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"by the automation {CRASH_AUTOMATION_NAME!r}, which sngp serve creates or updates. "
         "0: no heartbeat setting, the automation is disabled",
     )  # fmt: skip
-    parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-        help="how long to wait for everything to come up (default: %(default)s)",
-    )  # fmt: skip
+    add_timeout_argument(parser, DEFAULT_TIMEOUT, until="everything to come up")
 
 
 def _say(message: str) -> None:

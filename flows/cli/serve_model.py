@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from flows.cli.common import UserError
+from flows.cli.common import UserError, add_timeout_argument, add_tracking_argument
 from flows.ops.model_server import DEFAULT_MODEL_PORT, READY_TIMEOUT, ModelServer, model_server_env
 from flows.ops.network import check_port_free
 
@@ -28,15 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument("--port", type=int, default=DEFAULT_MODEL_PORT, help="default: %(default)s")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument(
-        "--tracking-uri", metavar="URI", default=None,
-        help="MLflow tracking URI where models:/ and runs:/ URIs are looked up (default: "
-        "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--timeout", type=float, default=READY_TIMEOUT, metavar="SECONDS",
-        help="how long to wait for the server to answer (default: %(default)s)",
-    )  # fmt: skip
+    add_tracking_argument(
+        parser,
+        default="$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory",
+        use=" where models:/ and runs:/ URIs are looked up",
+    )
+    add_timeout_argument(parser, READY_TIMEOUT, until="the server to answer")
     parser.epilog = (
         "Then: curl -H 'Content-Type: application/json' -d "
         '\'{"dataframe_split": {"columns": ["x0", "x1"], "data": [[0.5, 0.2]]}}\' '

@@ -9,14 +9,18 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from flows.cli.common import (
     UserError,
+    add_cache_dir_argument,
+    add_tracking_argument,
     check_cache_dir,
     finish_flow_run,
     terminate_on_sigterm,
+    use_cache_dir,
 )
 from flows.cli.faults import add_server_grace_argument, prepare_clients
 from flows.config import ConfigError
@@ -28,6 +32,7 @@ from tasks.sweep_points import format_settings
 HELP = "Run a hyperparameter sweep (conf/sweep_*.yaml) on a thread pool, a Dask cluster or a work pool."
 DEFAULT_DEPLOYMENT = "sweep-point/pool"  # prefect.yaml; registered by `make deploy`
 POINT_FLOW = "sweep-point"  # flows/sweep_point_flow.py
+T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,18 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_DEPLOYMENT}; implies --runner workpool); its workers must share this sweep's cache "
         "folder (each point's flow run gets SNGP_CACHE_DIR)",
     )
-    parser.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        default=None,
-        help="MLflow tracking URI (default: the base config's, else $MLFLOW_TRACKING_URI, else "
-        "sqlite:///mlflow.db in the working directory)",
+    add_tracking_argument(
+        parser,
+        default="the base config's, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working "
+        "directory",
     )
-    parser.add_argument(
-        "--cache-dir",
-        metavar="DIR",
-        default=None,
-        help="cache folder (default: $SNGP_CACHE_DIR, else ./.sngp_cache); Dask and work-pool workers must "
+    add_cache_dir_argument(
+        parser,
+        "cache folder (default: $SNGP_CACHE_DIR, else ./.sngp_cache); Dask and work-pool workers must "
         "share it",
     )
     add_server_grace_argument(parser)
@@ -191,20 +192,17 @@ def check_deployment(name: str) -> tuple[str, list[str]]:
     if not url:
         raise UserError(f"--runner workpool needs a Prefect server and PREFECT_API_URL is not set: {fix}")
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         error = client.api_healthcheck()
         if error is not None:
             reason = " ".join(str(error).split()) or type(error).__name__
             raise UserError(f"no Prefect server answers at PREFECT_API_URL={url} ({reason}): {fix}")
-        try:
-            deployment = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            raise UserError(
-                f"deployment {name!r} does not exist on the Prefect server at {url}: register it with "
-                "'make deploy' (with PREFECT_API_URL exported)"
-            ) from None
+        deployment = found(
+            lambda: client.read_deployment_by_name(name),
+            f"deployment {name!r} does not exist on the Prefect server at {url}: register it with "
+            "'make deploy' (with PREFECT_API_URL exported)",
+        )
         flow = client.read_flow(deployment.flow_id)
         if flow.name != POINT_FLOW:
             raise UserError(
@@ -214,14 +212,22 @@ def check_deployment(name: str) -> tuple[str, list[str]]:
         pool = deployment.work_pool_name
         if not pool:
             raise UserError(f"deployment {name!r} has no work pool: register it with 'make deploy'")
-        try:
-            workers = client.read_workers_for_work_pool(pool)
-        except ObjectNotFound:
-            raise UserError(
-                f"work pool {pool!r} of deployment {name!r} does not exist: 'sngp serve' or 'make deploy' "
-                "creates it"
-            ) from None
+        workers = found(
+            lambda: client.read_workers_for_work_pool(pool),
+            f"work pool {pool!r} of deployment {name!r} does not exist: 'sngp serve' or 'make deploy' "
+            "creates it",
+        )
     return pool, sorted(w.name for w in workers if str(getattr(w.status, "value", w.status)) == "ONLINE")
+
+
+def found(read: Callable[[], T], missing: str) -> T:
+    """`read()`'s answer from the Prefect server; UserError(`missing`) if the server has no such object."""
+    from prefect.exceptions import ObjectNotFound  # lazy: `sngp --help` loads this module without Prefect
+
+    try:
+        return read()
+    except ObjectNotFound:
+        raise UserError(missing) from None
 
 
 def check_scheduler(address: str) -> None:
@@ -240,8 +246,7 @@ def check_scheduler(address: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.cache_dir:
-        os.environ["SNGP_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
+    use_cache_dir(args)
     check_cache_dir()
     extra = [f"mlflow.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
     try:
@@ -267,8 +272,6 @@ def main(args: argparse.Namespace) -> int:
     state = finish_flow_run(
         "sngp sweep: failed", local_server, flow_, spec=spec, base=base, deployment=deployment
     )
-    if state is None:
-        return 1
     summary = state.result()
     print_summary(spec, summary, time.perf_counter() - started, where)
     return 1 if summary["failed"] else 0
