@@ -13,7 +13,7 @@ import urllib.error
 import pytest
 from support.cli import SMOKE, SngpProcess
 from support.net import http_json
-from support.pgcluster import PgCluster, PostgresUnavailable
+from support.pgcluster import pg_cluster_or_skip
 from support.records import client, prefect_completed
 from support.stack import ServeProcess
 
@@ -22,15 +22,8 @@ SMOKE_ONE = ["run", "--config", str(SMOKE), "--set", "methods=[deterministic]"]
 
 @pytest.fixture
 def cluster():
-    pg = PgCluster()
-    try:
-        pg.start()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"PostgreSQL server binaries are not installed ({exc})")
-    try:
+    with pg_cluster_or_skip() as pg:
         yield pg
-    finally:
-        pg.stop()
 
 
 def _run(serve: ServeProcess, tag: str) -> tuple[SngpProcess, str]:

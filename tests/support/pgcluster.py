@@ -302,6 +302,19 @@ def pg_cluster(**kwargs) -> Iterator[PgCluster]:
         cluster.stop()
 
 
+@contextmanager
+def pg_cluster_or_skip(**kwargs) -> Iterator[PgCluster]:
+    """pg_cluster() for a test, which is skipped where the PostgreSQL server binaries are not installed."""
+    import pytest  # only tests call this
+
+    try:
+        find_bindir()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL server binaries are not installed ({exc})")
+    with pg_cluster(**kwargs) as cluster:
+        yield cluster
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m tests.support.pgcluster [DB ...]`: start a cluster, print one URL per database, wait
     for Ctrl-C."""
