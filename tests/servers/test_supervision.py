@@ -7,9 +7,9 @@ flight:
   restarts it, the run exits 0 with a complete record, serve is still up;
 - the same for the Prefect server; the worker comes back online and the work pool and the crash
   automation are still there;
-- the worker SIGKILLed while it runs a flow run of the smoke deployment: serve restarts it; the flow-run
-  process lives on in a session of its own (Prefect's process worker starts it so) and completes with
-  a complete record; the next run of the deployment completes on the restarted worker.
+- the worker SIGKILLed while it runs a flow run of the smoke deployment: serve restarts it; that flow
+  run ends Crashed with its MLflow runs KILLED (nothing left RUNNING), and the next run of the
+  deployment completes on the restarted worker with a complete record.
 And on a stack of its own, a crash loop: the MLflow server killed while another program holds its port, so
 every restart exits at once; serve gives up within 2 minutes with a message naming it, stops everything
 and exits 1.
