@@ -78,9 +78,7 @@ def parent_run(
         "pipeline": kind,
         **(extra_tags or {}),
     }
-    parent = mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"{kind}-{flow_run.get_name() or 'local'}", tags=tags
-    )
+    parent = tracking.start_run(experiment_id, f"{kind}-{flow_run.get_name() or 'local'}", tags)
     started_runs = [parent.info.run_id]
     logger.info("MLflow parent run %s (%s)", parent.info.run_id, redact(uri))
     try:
@@ -142,11 +140,8 @@ def record_method(
     """One nested MLflow run for `method` (its `params`), from its task futures; returns a result dict
     or the error (recorded: the run is FAILED with an `error` tag, the other methods go on)."""
     logger = get_run_logger()
-    child = mlflow.start_run(
-        experiment_id=parent.experiment_id,
-        run_name=method,
-        nested=True,
-        tags={"method": method, **tracking.process_tags()},
+    child = tracking.start_run(
+        parent.experiment_id, method, {"method": method, **tracking.process_tags()}, nested=True
     )
     parent.started_runs.append(child.info.run_id)
     try:

@@ -76,6 +76,19 @@ def check_holdout(data_path: str, holdout_path: str) -> dict[str, int]:
     return {"rows": rows, "overlap_rows": overlap}
 
 
+def register_once(model_uri: str, name: str, run_id: str) -> str:
+    """mlflow.register_model -> the new version of `name`, created once even when MLflow's HTTP client
+    retries the request (the server created a version, then its answer was lost): of the versions of
+    `run_id`'s model, the first is kept and any later copy deleted (one search per registration)."""
+    version = mlflow.register_model(model_uri, name).version
+    client = MlflowClient()
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    versions = sorted({int(v.version) for v in found} | {int(version)})
+    for copy in versions[1:]:
+        client.delete_model_version(name, str(copy))
+    return str(versions[0])
+
+
 def promote_or_reject(
     method: str, outcome: dict, holdout_path: str, policy: dict[str, Any], tags: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -89,7 +102,7 @@ def promote_or_reject(
         previous = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         previous = None
-    version = mlflow.register_model(outcome["model_uri"], name).version
+    version = register_once(outcome["model_uri"], name, outcome["run_id"])
     candidate = evaluate_registered(f"models:/{name}/{version}", holdout_path)
     champion = evaluate_registered(f"models:/{name}/{previous.version}", holdout_path) if previous else None
     promote, reason = decide(candidate, champion, policy)

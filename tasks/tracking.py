@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,14 @@ import mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import LoggedModelStatus
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
 from sngp_models.abstention import Abstention
 
-from . import pyfunc_model
+from . import faults, pyfunc_model
 from .cache import HOST, process_alive, process_start_time
 from .pyfunc_model import signature
 from .redaction import redact
@@ -131,24 +135,92 @@ def log_curves(history: dict[str, list[float]]) -> None:
         client.log_batch(run_id, metrics=batch[start : start + 1000])
 
 
+# A fresh id on everything the pipeline creates in MLflow: MLflow's HTTP client retries a request
+# whose answer was lost (a server killed between its commit and its answer), and the server then
+# creates the run or model again; the copies share this tag, so the one the client got is kept.
+KEY_TAG = "sngp.key"
+
+
 def log_model(model_dir: str, abstention_path: str) -> mlflow.models.model.ModelInfo:
     """Log the library model as a pyfunc (ModelInfo: model_uri, model_id): its signature (inputs,
     outputs, the `abstain_threshold` param), artefacts `model_dir` and `abstention` (the rule the
     evaluation calibrated, tasks.evaluate), the library code and pinned requirements: it loads without
-    this project."""
+    this project. Logged once even when MLflow's client retries a request whose answer was lost (see
+    KEY_TAG); a model cut short (a full artefact store) leaves no files, only its FAILED entry."""
     meta = json.loads((Path(model_dir) / "model.json").read_text())
     features = meta.get("feature_names") or pyfunc_model.feature_columns(int(meta["input_dim"]))
     classes = meta.get("class_names") or [str(c) for c in range(int(meta["config"]["num_classes"]))]
     threshold = Abstention.load(abstention_path).threshold
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=pyfunc_model.__file__,
-        artifacts={"model_dir": model_dir, "abstention": abstention_path},
-        signature=signature(features, classes, threshold),
-        code_paths=MODEL_CODE_PATHS,
-        pip_requirements=model_requirements(),
-    )
+    spec = {
+        "python_model": pyfunc_model.__file__,
+        "artifacts": {"model_dir": model_dir, "abstention": abstention_path},
+        "signature": signature(features, classes, threshold),
+        "code_paths": MODEL_CODE_PATHS,
+        "pip_requirements": model_requirements(),
+    }
+    key = uuid.uuid4().hex
+    try:
+        info = mlflow.pyfunc.log_model(name="model", tags={KEY_TAG: key}, **spec)
+    except Exception as exc:
+        if faults.unreachable(exc):
+            raise  # every request would wait out the grace again
+        linked = linked_model(key) if isinstance(exc, mlflow.exceptions.MlflowException) else None
+        if linked is None:
+            remove_model_files(key)
+            raise
+        info = finish_linked_model(linked, spec)
+    for copy in logged_models_with(key):
+        if copy.model_id != info.model_id:
+            MlflowClient().delete_logged_model(copy.model_id)
     return info
+
+
+def linked_model(key: str):
+    """The model of this log_model call (tagged `key`) if the run already links to it as an output:
+    log_model's request linking it was carried out, its answer lost, and the retry refused as a
+    duplicate, which stopped log_model before it saved the files. Else None."""
+    run = MlflowClient().get_run(mlflow.active_run().info.run_id)
+    outputs = {output.model_id for output in (run.outputs.model_outputs if run.outputs else [])}
+    return next((m for m in logged_models_with(key) if m.model_id in outputs), None)
+
+
+def finish_linked_model(model, spec: dict[str, Any]) -> mlflow.models.model.ModelInfo:
+    """What log_model does once the model is linked to its run: save it, upload its files, mark it
+    READY -> its ModelInfo."""
+    client = MlflowClient()
+    description = mlflow.models.Model(
+        artifact_path=model.artifact_location,
+        model_uuid=model.model_id,
+        run_id=model.source_run_id,
+        model_id=model.model_id,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(str(local), mlflow_model=description, **spec)
+        client.log_model_artifacts(model.model_id, str(local))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return description.get_model_info(client.get_logged_model(model.model_id))
+
+
+def logged_models_with(key: str) -> list:
+    """The active run's logged models tagged with `key` (deleted ones are not searched)."""
+    run = mlflow.active_run()
+    return mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+        output_format="list",
+    )
+
+
+def remove_model_files(key: str) -> None:
+    """Delete the files of the models tagged `key` that failed to log: a model whose copy stopped
+    half-way (a full disk, a server error) would otherwise leave cut-off files in the artefact store,
+    which only look like a model. Their entries stay, FAILED (MLflow marks them so)."""
+    try:
+        for model in logged_models_with(key):
+            get_artifact_repository(model.artifact_location).delete_artifacts()
+    except Exception as exc:  # noqa: BLE001 - the error that stopped the model is the one to report
+        logging.getLogger(__name__).warning("could not delete the files of a model that failed: %s", exc)
 
 
 class SplitDataset(MetaDataset):
@@ -234,6 +306,21 @@ def log_text_artifact(text: str, file_name: str, artifact_path: str | None = Non
         path = Path(tmp) / file_name
         path.write_text(text)
         mlflow.log_artifact(str(path), artifact_path)
+
+
+def start_run(experiment_id: str, run_name: str, tags: dict[str, str], nested: bool = False):
+    """mlflow.start_run, creating one run even when its request is retried: the server may have
+    created it once before the retry (its answer lost), so any other run with this call's key is
+    deleted (one search per run)."""
+    key = uuid.uuid4().hex
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, nested=nested, tags={**tags, KEY_TAG: key}
+    )
+    client = MlflowClient()
+    for copy in client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'"):
+        if copy.info.run_id != run.info.run_id:
+            client.delete_run(copy.info.run_id)
+    return run
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
