@@ -50,7 +50,7 @@ def _makefile_default(name: str) -> str:
 
 
 def test_prefect_yaml_parses_and_lists_the_deployments(project, deployments):
-    assert set(deployments) == {"default", "smoke", "nightly", "pool", "every-15-minutes"}
+    assert set(deployments) == {"default", "smoke", "nightly", "nightly-retry", "pool", "every-15-minutes"}
     assert project["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SNGP_PROJECT_DIR }}"}}
     ]  # filled in by `make deploy`, never a path of one machine
@@ -82,7 +82,23 @@ def test_nightly_deployment_has_a_cron_schedule(deployments, monkeypatch):
     assert deployments["nightly"]["parameters"] == {}
 
 
-@pytest.mark.parametrize("name", ["default", "smoke", "nightly", "pool", "every-15-minutes"])
+def test_nightly_retry_runs_what_nightly_runs_unscheduled(deployments):
+    """The crash-retry automation runs retrain/nightly-retry with a crashed nightly run's parameters:
+    it must be the same flow on the same pool, with the same defaults, and never run on its own."""
+    from flows.ops.retry_automation import RETRY_DEPLOYMENT
+
+    nightly, retry = deployments["nightly"], deployments["nightly-retry"]
+    path = retry["entrypoint"].partition(":")[0]
+    assert f"{FLOW_NAMES[path]}/{retry['name']}" == RETRY_DEPLOYMENT
+    assert {key: retry[key] for key in ("entrypoint", "parameters", "work_pool")} == {
+        key: nightly[key] for key in ("entrypoint", "parameters", "work_pool")
+    }
+    assert "schedules" not in retry
+    # make deploy gives both the same config_path.
+    assert "for name in nightly nightly-retry; do" in (ROOT / "Makefile").read_text()
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "nightly", "nightly-retry", "pool", "every-15-minutes"])
 def test_entrypoint_resolves_to_the_flow(deployments, name):
     path, _, attribute = deployments[name]["entrypoint"].partition(":")
     assert (ROOT / path).is_file(), path

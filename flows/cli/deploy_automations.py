@@ -1,5 +1,6 @@
-"""`sngp deploy-automations`: create or update the automation `sngp: retrain on drift` on the Prefect server
-in PREFECT_API_URL (make deploy runs it after `prefect deploy --all`; running it again changes nothing)."""
+"""`sngp deploy-automations`: create or update the automations `sngp: retrain on drift` and `sngp: retry a
+crashed nightly retrain` on the Prefect server in PREFECT_API_URL (make deploy runs it after `prefect deploy
+--all`; running it again changes nothing)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from flows.ops.drift_automation import (
     RETRAIN_DEPLOYMENT,
     sync_drift_automation,
 )
+from flows.ops.retry_automation import RETRY_AUTOMATION_NAME, RETRY_DEPLOYMENT, sync_retry_automation
 from tasks.model_ref import DRIFT_EVENT
 
-HELP = f"Create or update the Prefect automation {DRIFT_AUTOMATION_NAME!r} (make deploy runs it)."
+HELP = (
+    f"Create or update the Prefect automations {DRIFT_AUTOMATION_NAME!r} and {RETRY_AUTOMATION_NAME!r} "
+    "(make deploy runs it)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,4 +40,7 @@ def main(args: argparse.Namespace) -> int:
         f"automation {DRIFT_AUTOMATION_NAME!r}: {status} ({DRIFT_EVENT} -> {RETRAIN_DEPLOYMENT}, "
         f"at most once per {args.cooldown_minutes} min)"
     )
+    status = sync_retry_automation(api_url)
+    crashed = f"a crashed {RETRAIN_DEPLOYMENT} run"
+    print(f"automation {RETRY_AUTOMATION_NAME!r}: {status} ({crashed} -> {RETRY_DEPLOYMENT}, once)")
     return 0

@@ -21,6 +21,8 @@ from flows.ops.errors import ServiceError
 from tasks.sweep_points import UNRESPONSIVE
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
     from prefect.automations import Automation
 
 CRASH_AUTOMATION_NAME = "sngp: crash unresponsive flow runs"
@@ -115,6 +117,23 @@ def sync_automation(api_url: str, desired: Callable[[], Automation]) -> str:
     that (and 429/502) with backoff, PREFECT_CLIENT_MAX_RETRIES times (5: about a minute).
     Raises ServiceError if the server refuses or cannot be reached."""
     return _on_server(api_url, _sync, desired)
+
+
+def read_deployment_id(name: str, api_url: str) -> UUID:
+    """The id of deployment `name` ('flow/deployment') on the Prefect server in PREFECT_API_URL (call it
+    where that is set, as in sync_automation's `desired`); ServiceError naming `api_url` if it is not
+    deployed there."""
+    from prefect.client.orchestration import get_client  # lazy: keeps `sngp --help` fast
+    from prefect.exceptions import ObjectNotFound  # lazy: keeps `sngp --help` fast
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(name).id
+        except ObjectNotFound:
+            raise ServiceError(
+                f"no deployment {name} on {api_url}: register it first "
+                "(make deploy runs prefect deploy --all before this)"
+            ) from None
 
 
 def _on_server(api_url: str, action: Callable, argument) -> str:

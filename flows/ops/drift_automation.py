@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from flows.ops.automation import sync_automation
+from flows.ops.automation import read_deployment_id, sync_automation
 from flows.ops.errors import ServiceError
 from tasks.model_ref import DRIFT_EVENT, RESOURCE_PREFIX
 
@@ -62,17 +62,6 @@ def sync_drift_automation(api_url: str, cooldown_minutes: int = DEFAULT_COOLDOWN
         raise ServiceError(f"--cooldown-minutes must be at least 1, got {cooldown_minutes}")
 
     def desired() -> Automation:
-        from prefect.client.orchestration import get_client  # lazy: keeps `sngp --help` fast
-        from prefect.exceptions import ObjectNotFound  # lazy: keeps `sngp --help` fast
-
-        with get_client(sync_client=True) as client:
-            try:
-                deployment = client.read_deployment_by_name(RETRAIN_DEPLOYMENT)
-            except ObjectNotFound:
-                raise ServiceError(
-                    f"no deployment {RETRAIN_DEPLOYMENT} on {api_url}: register it first "
-                    "(make deploy runs prefect deploy --all before this)"
-                ) from None
-        return drift_automation(deployment.id, cooldown_minutes)
+        return drift_automation(read_deployment_id(RETRAIN_DEPLOYMENT, api_url), cooldown_minutes)
 
     return sync_automation(api_url, desired)

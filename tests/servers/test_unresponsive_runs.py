@@ -19,17 +19,15 @@ Nothing is mocked. `pytest -s` prints the measured times.
 from __future__ import annotations
 
 import contextvars
-import os
-import signal
 import threading
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
+from support.flow_runs import deploy_sleeper, heartbeats, iso, kill_worker_and_flow_runs, wait_for
 from support.net import http_json, two_ports
-from support.stack import ServeProcess, alive, children_of, serve_processes, use_server_env
+from support.stack import ServeProcess, alive, serve_processes, use_server_env
 
 from flows.ops.automation import (
     CRASH_AUTOMATION_NAME,
@@ -41,7 +39,6 @@ from flows.ops.automation import (
 )
 from flows.ops.stack import start_services
 
-ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = MIN_HEARTBEAT_SECONDS  # 30 s: the shortest Prefect accepts
 WITHIN = crash_after_seconds(HEARTBEAT)  # 120 s
 SLEEPER = "sngp-test-sleeper/sleep"
@@ -74,10 +71,6 @@ def _the_automation(api: str, heartbeat: int) -> dict:
     assert action["type"] == "change-flow-run-state" and action["state"] == "CRASHED"
     assert action["message"] == crash_message(heartbeat)
     return automation
-
-
-def _iso(moment: str) -> datetime:
-    return datetime.fromisoformat(moment.replace("Z", "+00:00"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,77 +137,9 @@ def test_bad_heartbeat_fails_fast(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def _deploy_sleeper(api: str) -> dict:
-    """The sleeper flow as a deployment on sngp-pool, run from this checkout (as prefect.yaml's are)."""
-    flow = http_json(f"{api}/flows/", {"name": "sngp-test-sleeper"})
-    http_json(
-        f"{api}/deployments/",
-        {
-            "name": SLEEPER.split("/")[1],
-            "flow_id": flow["id"],
-            "entrypoint": "tests/servers/sleeper_flow.py:sleeper",
-            "work_pool_name": "sngp-pool",
-            "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
-            "enforce_parameter_schema": False,
-        },
-    )
-    return http_json(f"{api}/deployments/name/{SLEEPER}")
-
-
 def _flow_run_named(api: str, name: str) -> dict | None:
     found = http_json(f"{api}/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
     return found[0] if found else None
-
-
-def _heartbeats(api: str, flow_run_id: str) -> list[datetime]:
-    page = http_json(
-        f"{api}/events/filter",
-        {
-            "filter": {
-                "event": {"name": ["prefect.flow-run.heartbeat"]},
-                "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]},
-                "order": "ASC",
-            },
-            "limit": 50,
-        },
-    )
-    return sorted(_iso(event["occurred"]) for event in page["events"])
-
-
-def _wait(what: str, check, timeout: float, every: float = 1.0, describe=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout:.0f} s{describe()}")
-        time.sleep(every)
-
-
-def _kill_worker_and_flow_runs(worker_pid: int) -> dict[int, str]:
-    """SIGKILL the worker's process group, then every process it had started (the flow-run
-    supervisor and engine run in a session of their own) with their process groups."""
-    tree = children_of(worker_pid)
-    groups = set()
-    for pid in tree:
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
-    groups.discard(os.getpgrp())
-    os.killpg(worker_pid, signal.SIGKILL)  # first the worker: it must not see its flow run die
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return tree
 
 
 def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
@@ -233,7 +158,7 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
         api = services.prefect_api_url
         up = time.monotonic() - started
         _the_automation(api, HEARTBEAT)
-        deployment = _deploy_sleeper(api)
+        deployment = deploy_sleeper(api, SLEEPER)
         worker = services.children["worker"].proc
 
         # Submit it as the sweep submits a point, and wait for the dispatch in the background.
@@ -258,10 +183,10 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
             text = (services.log_dir / "worker.log").read_text(errors="replace")
             return "\n--- worker.log (tail) ---\n" + text[-4000:]
 
-        run = _wait("the flow run was not created", lambda: _flow_run_named(api, label), 60)
+        run = wait_for("the flow run was not created", lambda: _flow_run_named(api, label), 60)
         assert run["deployment_id"] == deployment["id"]
         run_id = run["id"]
-        running = _wait(
+        running = wait_for(
             "the flow run did not start running",
             lambda: (r := http_json(f"{api}/flow_runs/{run_id}"))["state"]["type"] == "RUNNING" and r,
             240,
@@ -271,9 +196,9 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
         running_at = time.monotonic()
 
         # Two heartbeats, HEARTBEAT s apart: the flow-run process got the workers' interval.
-        beats = _wait(
+        beats = wait_for(
             "two heartbeats did not arrive",
-            lambda: (b := _heartbeats(api, run_id)) and len(b) >= 2 and b,
+            lambda: (b := heartbeats(api, run_id)) and len(b) >= 2 and b,
             HEARTBEAT + 90,
             every=2.0,
             describe=worker_log,
@@ -282,16 +207,16 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
         assert HEARTBEAT - 3 <= interval <= HEARTBEAT + 15, beats
 
         # The worker and its flow run die, as with a machine crash: nobody is left to report it.
-        tree = _kill_worker_and_flow_runs(worker.pid)
+        tree = kill_worker_and_flow_runs(worker.pid)
         killed_at, killed_wall = time.monotonic(), datetime.now(UTC)
         assert any("prefect.engine" in cmd or "_workspace_supervisor" in cmd for cmd in tree.values()), tree
         worker.wait(timeout=10)
-        _wait("the killed processes are still alive", lambda: not any(alive(pid) for pid in tree), 10)
+        wait_for("the killed processes are still alive", lambda: not any(alive(pid) for pid in tree), 10)
 
         def state() -> dict:
             return http_json(f"{api}/flow_runs/{run_id}")["state"]
 
-        last_beat = max(_heartbeats(api, run_id))
+        last_beat = max(heartbeats(api, run_id))
         window_end = last_beat.timestamp() + WITHIN
         # Still Running until the window after its last heartbeat has passed...
         while time.time() < window_end - 5:
@@ -301,7 +226,7 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
             )
             time.sleep(5)
         # ... then Crashed, by the automation.
-        crashed = _wait(
+        crashed = wait_for(
             "the flow run was not marked Crashed",
             lambda: (s := state())["type"] == "CRASHED" and s,
             max(window_end - time.time(), 0) + LATE,
@@ -309,12 +234,12 @@ def test_a_run_whose_worker_dies_is_marked_crashed(tmp_path, monkeypatch):
             describe=lambda: f": still {state()}",
         )
         crashed_seen = time.monotonic()
-        beats = _heartbeats(api, run_id)
+        beats = heartbeats(api, run_id)
         assert not [b for b in beats if b > killed_wall], f"heartbeats after the kill: {beats}"
         last_beat = max(beats)
         assert crashed["name"] == "Crashed"
         assert crashed["message"] == crash_message(HEARTBEAT)
-        crashed_at = _iso(crashed["timestamp"])
+        crashed_at = iso(crashed["timestamp"])
         silent = (crashed_at - last_beat).total_seconds()
         assert WITHIN - 1 <= silent <= WITHIN + LATE, (last_beat, crashed_at)
 

@@ -1,0 +1,195 @@
+"""A crashed retrain/nightly run is retried once, automatically; a crash of the retry is left Crashed.
+
+On a real `sngp serve` stack (--heartbeat-seconds 30, two workers of one flow run each): the sleeper
+flow (tests/servers/sleeper_flow.py) deployed under the retrain flow's name as retrain/nightly and
+retrain/nightly-retry (prefect.yaml's names: the automation looks them up by name), and `sngp
+deploy-automations`, as `make deploy` runs it. Two nightly runs are started (one short, one long, one
+per worker) and both workers are SIGKILLed with their flow-run processes, as when the machine dies;
+`sngp serve` restarts them. Then:
+
+1. `sngp serve`'s crash automation marks both runs Crashed once their heartbeats stop, with a message
+   saying why (the state's message in the Prefect UI);
+2. the automation `sngp: retry a crashed nightly retrain` starts one run of retrain/nightly-retry per
+   crashed run, with exactly its parameters;
+3. the long one's retry is crashed the same way (its worker killed again) while the short one's
+   completes: the second crash ends Crashed with the same readable message, and no third run of either
+   deployment appears.
+
+Nothing is mocked. `pytest -s` prints the measured times.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from support.cli import SNGP
+from support.flow_runs import deploy_sleeper, heartbeats, iso, kill_worker_and_flow_runs, wait_for
+from support.net import http_json
+from support.stack import serve_processes
+
+from flows.ops.automation import MIN_HEARTBEAT_SECONDS, crash_after_seconds, crash_message
+from flows.ops.drift_automation import RETRAIN_DEPLOYMENT
+from flows.ops.retry_automation import RETRY_AUTOMATION_NAME, RETRY_DEPLOYMENT, retry_automation
+
+HEARTBEAT = MIN_HEARTBEAT_SECONDS  # 30 s: the shortest Prefect accepts
+DETECT = crash_after_seconds(HEARTBEAT) + 120  # kill -> Crashed: the crash window plus a loaded machine
+START = 240  # a flow run created -> Running on the (restarted) worker
+SHORT = 90  # seconds the run whose retry must complete sleeps
+QUIET = 60  # after the last crash: long enough for the automation to have answered it (it takes seconds)
+
+
+def test_the_server_accepts_the_retry_automation():
+    """Prefect's server refuses RunDeployment automations that could loop; ours is reactive to Crashed
+    runs of one deployment only."""
+    from prefect.server.events.schemas.automations import AutomationCreate
+
+    ours = retry_automation(uuid.uuid4(), uuid.uuid4())
+    AutomationCreate.model_validate(ours.model_dump(mode="json", exclude={"id"}))
+
+
+def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crashed(tmp_path):
+    with serve_processes(tmp_path / "stack") as launch:
+        stack = launch("--heartbeat-seconds", str(HEARTBEAT), "--workers", "2")
+        started = time.monotonic()
+        stack.wait_ready()
+        up = time.monotonic() - started
+        api = stack.prefect_api
+        nightly = deploy_sleeper(api, RETRAIN_DEPLOYMENT)
+        retry = deploy_sleeper(api, RETRY_DEPLOYMENT)
+        done = stack.run([SNGP, "deploy-automations"], stack.client_env(mlflow=False), timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (
+            f"automation {RETRY_AUTOMATION_NAME!r}: created (a crashed {RETRAIN_DEPLOYMENT} run -> "
+            f"{RETRY_DEPLOYMENT}, once)"
+        ) in done.stdout, done.stdout
+
+        def run(run_id: str) -> dict:
+            return http_json(f"{api}/flow_runs/{run_id}")
+
+        def runs_of(deployment: dict) -> list[dict]:
+            return http_json(
+                f"{api}/flow_runs/filter",
+                {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}, "sort": "START_TIME_ASC"},
+            )
+
+        def logs() -> str:
+            text = f"\n--- sngp serve ---\n{stack.output[-3000:]}"
+            for log in sorted((stack.data_dir / "logs").glob("worker-*.log")):
+                text += f"\n--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-2000:]}"
+            return text
+
+        def running_with_heartbeat(run_ids: list[str]) -> None:
+            wait_for(
+                "the flow runs did not all run and send a heartbeat",
+                lambda: all(run(i)["state"]["type"] == "RUNNING" and heartbeats(api, i) for i in run_ids),
+                START,
+                every=2.0,
+                describe=logs,
+            )
+
+        def kill_worker_of(run_id: str) -> None:
+            """SIGKILL the worker running `run_id` with its flow run, as when its machine dies."""
+            worker = run(run_id)["labels"]["prefect.worker.name"]
+            tree = kill_worker_and_flow_runs(stack.service_pid(f"--name {worker} "))
+            assert any("prefect.engine" in cmd or "_workspace_supervisor" in cmd for cmd in tree.values()), (
+                tree
+            )
+
+        def crashed(run_ids: list[str], since: float) -> dict[str, tuple[dict, float]]:
+            """Wait until every run is Crashed -> {id: (its state, seconds from `since` to seen)}."""
+            seen: dict[str, tuple[dict, float]] = {}
+
+            def check() -> bool:
+                for i in run_ids:
+                    if i not in seen and (state := run(i)["state"])["type"] == "CRASHED":
+                        seen[i] = (state, time.monotonic() - since)
+                return len(seen) == len(run_ids)
+
+            wait_for(
+                "the flow runs were not all marked Crashed",
+                check,
+                DETECT,
+                describe=lambda: f": {[run(i)['state'] for i in run_ids]}{logs()}",
+            )
+            return seen
+
+        # Two nightly runs, one short and one long, with nested parameters: one on each worker.
+        def start_nightly(seconds: float) -> dict:
+            parameters = {
+                "label": f"nightly-{uuid.uuid4().hex[:8]}",
+                "model_settings": {"epochs": 3, "methods": ["sngp", "deterministic"]},
+                "seconds": seconds,
+            }
+            return http_json(f"{api}/deployments/{nightly['id']}/create_flow_run", {"parameters": parameters})
+
+        short, long = start_nightly(SHORT), start_nightly(3600)
+        running_with_heartbeat([short["id"], long["id"]])
+        assert run(short["id"])["state"]["type"] == "RUNNING"
+
+        # The machine dies: both workers and their flow runs, nothing left to report it.
+        kill_worker_of(short["id"])
+        kill_worker_of(long["id"])
+        killed = time.monotonic()
+        first = crashed([short["id"], long["id"]], killed)
+        for state, _ in first.values():
+            assert state["name"] == "Crashed" and state["message"] == crash_message(HEARTBEAT), state
+
+        # One retry per crashed run, with its parameters, on retrain/nightly-retry.
+        retries = wait_for(
+            "the automation did not start one retry per crashed run",
+            lambda: len(found := runs_of(retry)) >= 2 and found,
+            120,
+            describe=logs,
+        )
+        assert len(retries) == 2, retries
+        by_label = {r["parameters"]["label"]: r for r in retries}
+        retry_of = {i: by_label[run(i)["parameters"]["label"]] for i in (short["id"], long["id"])}
+        for original_id, retry_run in retry_of.items():
+            assert retry_run["parameters"] == run(original_id)["parameters"]
+            assert retry_run["deployment_id"] == retry["id"]
+        short_retry, long_retry = retry_of[short["id"]]["id"], retry_of[long["id"]]["id"]
+        running_with_heartbeat([short_retry, long_retry])
+        retries_running = time.monotonic()
+
+        # The long one's retry crashes too (its worker dies) while the short one's completes.
+        kill_worker_of(long_retry)
+        killed_again = time.monotonic()
+        completed = wait_for(
+            "the retry of the short run did not end",
+            lambda: (
+                (s := run(short_retry)["state"])["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+                and s
+            ),
+            SHORT + DETECT,
+            every=2.0,
+            describe=logs,
+        )
+        assert completed["type"] == "COMPLETED", completed
+        retry_completed = time.monotonic()
+        second = crashed([long_retry], killed_again)
+
+        # The second crash is left Crashed, with its reason, and nothing runs again.
+        time.sleep(QUIET)
+        final = run(long_retry)["state"]
+        assert final["type"] == "CRASHED" and final["message"] == crash_message(HEARTBEAT), final
+        assert {r["id"] for r in runs_of(retry)} == {short_retry, long_retry}
+        assert {r["id"] for r in runs_of(nightly)} == {short["id"], long["id"]}
+        assert {run(i)["state"]["type"] for i in (short["id"], long["id"])} == {"CRASHED"}
+        assert stack.running
+        assert stack.output.count("exited with code -9; restarting") == 3, stack.output
+
+        detect = sorted(seconds for _, seconds in first.values())
+        # From each crash (the Crashed state's time on the server) to its retry run being created.
+        react = sorted(
+            (iso(retry_of[i]["created"]) - iso(state["timestamp"])).total_seconds()
+            for i, (state, _) in first.items()
+        )
+        print(
+            f"\n[crash-retry] serve up in {up:.1f} s; SIGKILL -> nightly runs Crashed {detect[0]:.1f} / "
+            f"{detect[1]:.1f} s; Crashed -> retry created {react[0]:.1f} / {react[1]:.1f} s; both retries "
+            f"running {retries_running - killed - detect[1]:.1f} s after the last crash was seen; short "
+            f"retry completed {retry_completed - killed - detect[1]:.1f} s after it; second SIGKILL -> "
+            f"retry Crashed {second[long_retry][1]:.1f} s, then no new run in {QUIET} s\n"
+            f"[crash-retry] message: {final['message']}"
+        )
