@@ -77,6 +77,7 @@ def _kill_mid_run(serve: ServeProcess, role: str, name: str, baseline: float) ->
     try:
         assert proc.wait_for(PARENT_STARTED, 600), describe(proc)
         into = time.monotonic() - proc.started
+        assert proc.proc.poll() is None, f"the run ended before the fault\n{describe(proc)}"
         detect, recover = _kill(serve, role, name)
     except BaseException:
         proc.cleanup()
