@@ -160,15 +160,17 @@ def log_model(model_dir: str, abstention_path: str) -> mlflow.models.model.Model
     }
     key = uuid.uuid4().hex
     try:
-        info = mlflow.pyfunc.log_model(name="model", tags={KEY_TAG: key}, **spec)
+        try:
+            info = mlflow.pyfunc.log_model(name="model", tags={KEY_TAG: key}, **spec)
+        except mlflow.exceptions.MlflowException as exc:
+            linked = None if faults.unreachable(exc) else linked_model(key)
+            if linked is None:
+                raise
+            info = finish_linked_model(linked, spec)
     except Exception as exc:
-        if faults.unreachable(exc):
-            raise  # every request would wait out the grace again
-        linked = linked_model(key) if isinstance(exc, mlflow.exceptions.MlflowException) else None
-        if linked is None:
+        if not faults.unreachable(exc):  # a server gone: every request would wait out the grace again
             remove_model_files(key)
-            raise
-        info = finish_linked_model(linked, spec)
+        raise
     for copy in logged_models_with(key):
         if copy.model_id != info.model_id:
             MlflowClient().delete_logged_model(copy.model_id)
@@ -217,10 +219,15 @@ def remove_model_files(key: str) -> None:
     half-way (a full disk, a server error) would otherwise leave cut-off files in the artefact store,
     which only look like a model. Their entries stay, FAILED (MLflow marks them so)."""
     try:
-        for model in logged_models_with(key):
-            get_artifact_repository(model.artifact_location).delete_artifacts()
+        models = logged_models_with(key)
     except Exception as exc:  # noqa: BLE001 - the error that stopped the model is the one to report
-        logging.getLogger(__name__).warning("could not delete the files of a model that failed: %s", exc)
+        models = []
+        logging.getLogger(__name__).warning("could not look up a model that failed to log: %s", exc)
+    for model in models:
+        try:
+            get_artifact_repository(model.artifact_location).delete_artifacts()
+        except Exception as exc:  # noqa: BLE001 - as above
+            logging.getLogger(__name__).warning("could not delete the files of %s: %s", model.model_id, exc)
 
 
 class SplitDataset(MetaDataset):
