@@ -182,7 +182,7 @@ def test_mlflow_server_killed_and_back_within_the_grace(tmp_path):
 
 
 MLFLOW_API = "/api/2.0/mlflow/"
-# The requests of a run's record that create something, each answered by nobody once it was carried out
+# Requests of a run's record that add something, each answered by nobody once it was carried out
 ANSWER_LOST = {
     "create the parent run": lambda method, path, body: (
         path.startswith(f"{MLFLOW_API}runs/create") and b"mlflow.parentRunId" not in body
@@ -194,6 +194,10 @@ ANSWER_LOST = {
         method == "POST" and path.split("?")[0] == f"{MLFLOW_API}logged-models"
     ),
     "link the model to its run": lambda method, path, body: path.startswith(f"{MLFLOW_API}runs/outputs"),
+    "log the data sets": lambda method, path, body: path.startswith(f"{MLFLOW_API}runs/log-inputs"),
+    "log metrics": lambda method, path, body: (
+        path.startswith(f"{MLFLOW_API}runs/log-batch") and bool(json.loads(body or b"{}").get("metrics"))
+    ),
 }
 
 
@@ -201,14 +205,18 @@ def test_requests_carried_out_but_never_answered_create_nothing_twice(tmp_path):
     """A server killed between carrying out a request and answering it, made deterministic: a proxy
     forwards each request of ANSWER_LOST to the real server, then closes the connection unanswered, and
     MLflow's client sends it again. The run completes with one parent, one method run, one logged model,
-    and a complete record."""
+    each metric logged once per step, and a complete record."""
     server = MlflowServer(tmp_path / "mlflow")
     with running(server), dropping_proxy(server.url, ANSWER_LOST) as proxy:
         proc = run_sngp([*SMOKE_ONE, "--tracking-uri", proxy.url, "--server-grace", "60"], tmp_path / "run")
         assert proc.returncode == 0, describe(proc)
-        assert proxy.dropped == list(ANSWER_LOST), proxy.dropped
-        check_complete_record(server.url, proc.parent_id, [METHOD])
+        assert sorted(proxy.dropped) == sorted(ANSWER_LOST), proxy.dropped
+        kids = check_complete_record(server.url, proc.parent_id, [METHOD])
         check_one_of_each(server.url)
+        run_id = kids[METHOD].info.run_id
+        for key in kids[METHOD].data.metrics:
+            steps = [m.step for m in client(server.url).get_metric_history(run_id, key)]
+            assert len(steps) == len(set(steps)), (key, steps)
     print(f"\n{len(proxy.dropped)} answers lost, each request retried: one record, {proc.seconds:.1f} s")
 
 
