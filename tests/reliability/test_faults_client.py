@@ -1,8 +1,10 @@
 """Faults a client rides out or reports in one line (issue 16): a tracking or Prefect server away for a
-while (`--server-grace`), away for good, and a full disk under the cache folder or the artefact store.
+while (`--server-grace`), away for good, or gone between carrying out a request and answering it, and a
+full disk under the cache folder or the artefact store.
 
-Real servers (tests/support/standalone_servers.py), real `sngp run` processes, real tmpfs mounts; each
-test prints what it measured (`pytest -s`): time to detect, time to recover, what the record holds.
+Real servers (tests/support/standalone_servers.py), real `sngp run` processes, real tmpfs mounts, a real
+proxy that loses answers (tests/support/dropping_proxy.py); each test prints what it measured
+(`pytest -s`): time to detect, time to recover, what the record holds.
 """
 
 from __future__ import annotations
