@@ -41,6 +41,7 @@ from sngp_models.drift import abstain_drift, check_alpha
 from sngp_models.interface import file_sha256
 
 from . import inbox as inboxes
+from . import tracking
 from .inbox import check_inbox, inbox_lock  # noqa: F401 - the flow's helpers, re-exported
 from .model_ref import DRIFT_EVENT, ModelRef, resolve_model
 from .redaction import redact
@@ -125,7 +126,7 @@ def monitor_run(ref: ModelRef, inbox: Path) -> str:
             client.set_tag(run_id, key, value)
         return run_id
     name = f"monitor-{ref.name}-v{ref.version}" if ref.registered else f"monitor-{ref.key}"
-    run = client.create_run(experiment_id, run_name=name, tags={MODEL_TAG: ref.key, **tags})
+    run = tracking.create_run(client, experiment_id, name, {MODEL_TAG: ref.key, **tags})
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 

@@ -72,12 +72,8 @@ def record_point(
     the point could not run (then there is no future)."""
     logger = get_run_logger()
     outcome = Outcome(point)
-    child = mlflow.start_run(
-        experiment_id=parent.experiment_id,
-        run_name=point.label,
-        nested=True,
-        tags={"method": point.method, "sweep.point": point.id, "sweep.label": point.label},
-    )
+    tags = {"method": point.method, "sweep.point": point.id, "sweep.label": point.label}
+    child = tracking.start_run(parent.experiment_id, point.label, tags, nested=True)
     parent.started_runs.append(child.info.run_id)
     outcome.run_id = child.info.run_id
     try:

@@ -323,11 +323,23 @@ def start_run(experiment_id: str, run_name: str, tags: dict[str, str], nested: b
     run = mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, nested=nested, tags={**tags, KEY_TAG: key}
     )
-    client = MlflowClient()
-    for copy in client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'"):
-        if copy.info.run_id != run.info.run_id:
-            client.delete_run(copy.info.run_id)
+    delete_copies(MlflowClient(), experiment_id, key, run.info.run_id)
     return run
+
+
+def create_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]):
+    """MlflowClient.create_run, creating one run even when its request is retried (as start_run)."""
+    key = uuid.uuid4().hex
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, KEY_TAG: key})
+    delete_copies(client, experiment_id, key, run.info.run_id)
+    return run
+
+
+def delete_copies(client: MlflowClient, experiment_id: str, key: str, kept_run_id: str) -> None:
+    """Delete the runs with this creation key but the one the client got back."""
+    for copy in client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'"):
+        if copy.info.run_id != kept_run_id:
+            client.delete_run(copy.info.run_id)
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
