@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,14 @@ from sngp_models.evaluation import METRIC_NAMES
 # Until every test file imports from tests/support directly, `from conftest import ...` keeps working.
 METRICS = METRIC_NAMES
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads under pytest -s
+
+
+def pytest_configure(config):
+    """A shell starts a background job (`make test &`, `nohup ... &`) with SIGINT ignored, and every
+    process it starts inherits that, so `sngp run` would never see the Ctrl-C the interrupt tests send:
+    give the session, and so its children, the terminal's default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
