@@ -40,6 +40,7 @@ DEPLOYMENTS = (
     "uncertainty-pipeline/default",
     "uncertainty-pipeline/smoke",
     "retrain/nightly",
+    "retrain/nightly-retry",
     "sweep-point/pool",
     "monitor/every-15-minutes",
 )
