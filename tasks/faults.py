@@ -2,7 +2,7 @@
 the Prefect server) away for the whole grace, and a full disk.
 
 Both clients retry each request for about `sngp --server-grace` seconds (their retry settings, set by
-flows/cli/common.py's server_retry_settings). A flow makes many requests in a row, though: ending its
+flows/cli/faults.py's server_retry_settings). A flow makes many requests in a row, though: ending its
 MLflow runs, the Prefect engine proposing the final state. Once one request has waited out the whole
 grace, each later one would wait as long again, so the run would fail after a multiple of the grace.
 give_up() makes the process's later requests to that server try once instead.
