@@ -39,6 +39,7 @@ from .redaction import redact
 warnings.filterwarnings("ignore", message=".*input example was not provided.*")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+logger = logging.getLogger(__name__)
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The library code a logged model runs (its `code_paths`): the pyfunc file itself is the model's code.
 MODEL_CODE_PATHS = [str(_PROJECT_ROOT / "sngp_models")]
@@ -222,12 +223,12 @@ def remove_model_files(key: str) -> None:
         models = logged_models_with(key)
     except Exception as exc:  # noqa: BLE001 - the error that stopped the model is the one to report
         models = []
-        logging.getLogger(__name__).warning("could not look up a model that failed to log: %s", exc)
+        logger.warning("could not look up a model that failed to log: %s", exc)
     for model in models:
         try:
             get_artifact_repository(model.artifact_location).delete_artifacts()
         except Exception as exc:  # noqa: BLE001 - as above
-            logging.getLogger(__name__).warning("could not delete the files of %s: %s", model.model_id, exc)
+            logger.warning("could not delete the files of %s: %s", model.model_id, exc)
 
 
 class SplitDataset(MetaDataset):
