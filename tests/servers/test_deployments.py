@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from support.cli import PNG_MAGIC, SMOKE, SNGP, clean_server_env, describe
 from support.net import http_bytes, http_json, port_free
-from support.pgcluster import PostgresUnavailable, find_bindir, pg_cluster
+from support.pgcluster import pg_cluster_or_skip
 from support.stack import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -460,11 +460,7 @@ def test_restart_on_the_same_data_dir_keeps_runs_models_deployments_and_pool(
 
 
 def test_smoke_deployment_end_to_end_on_postgresql(tmp_path, cache_dir):
-    try:
-        find_bindir()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"PostgreSQL server binaries are not installed ({exc})")
-    with pg_cluster() as pg:
+    with pg_cluster_or_skip() as pg:
         mlflow_db, prefect_db = pg.create_database("mlflow"), pg.create_database("prefect")
         stack = served(tmp_path, cache_dir, "--db", mlflow_db, "--prefect-db", prefect_db)
         try:

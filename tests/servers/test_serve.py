@@ -19,7 +19,7 @@ import pytest
 import yaml
 from support.cli import clean_server_env
 from support.net import http_bytes, http_json, port_free, two_ports
-from support.pgcluster import PgCluster, PostgresUnavailable, free_port
+from support.pgcluster import free_port, pg_cluster_or_skip
 from support.stack import ServeProcess, alive, children_of, cmdline, serve_processes, use_server_env
 
 from flows.ops import commands
@@ -211,12 +211,7 @@ def test_unreachable_database_fails_fast_and_hides_the_password(tmp_path):
 
 
 def test_serve_on_postgres_keeps_the_password_out_of_output_logs_and_argv(tmp_path, serve, mlflow_client_env):
-    cluster = PgCluster()
-    try:
-        cluster.start()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"PostgreSQL server binaries are not installed ({exc})")
-    try:
+    with pg_cluster_or_skip() as cluster:
         mlflow_db = cluster.create_database("mlflow")
         prefect_db = cluster.create_database("prefect")
         data = tmp_path / "stack"
@@ -250,8 +245,6 @@ def test_serve_on_postgres_keeps_the_password_out_of_output_logs_and_argv(tmp_pa
         assert "Uvicorn running" in logs or "Application startup complete" in logs
         assert cluster.password not in logs
         assert cluster.password not in process.output
-    finally:
-        cluster.stop()
 
 
 def test_python_api_names_the_server_that_failed_and_cleans_up(tmp_path, monkeypatch):
