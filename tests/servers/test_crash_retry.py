@@ -11,9 +11,10 @@ per worker) and both workers are SIGKILLed with their flow-run processes, as whe
    saying why (the state's message in the Prefect UI);
 2. the automation `sngp: retry a crashed nightly retrain` starts one run of retrain/nightly-retry per
    crashed run, with exactly its parameters;
-3. the long one's retry is crashed the same way (its worker killed again) while the short one's
-   completes: the second crash ends Crashed with the same readable message, and no third run of either
-   deployment appears.
+3. the long one's retry crashes too, its flow-run process SIGKILLed under a live worker (which reports
+   it Crashed at once, so the test does not wait out a second heartbeat window), while the short one's
+   completes: the second crash ends Crashed with the worker's readable message, and no third run of
+   either deployment appears.
 
 Nothing is mocked. `pytest -s` prints the measured times.
 """
@@ -24,7 +25,14 @@ import time
 import uuid
 
 from support.cli import SNGP
-from support.flow_runs import deploy_sleeper, heartbeats, iso, kill_worker_and_flow_runs, wait_for
+from support.flow_runs import (
+    deploy_sleeper,
+    heartbeats,
+    iso,
+    kill_flow_runs,
+    kill_worker_and_flow_runs,
+    wait_for,
+)
 from support.net import http_json
 from support.stack import serve_processes
 
@@ -35,8 +43,8 @@ from flows.ops.retry_automation import RETRY_AUTOMATION_NAME, RETRY_DEPLOYMENT, 
 HEARTBEAT = MIN_HEARTBEAT_SECONDS  # 30 s: the shortest Prefect accepts
 DETECT = crash_after_seconds(HEARTBEAT) + 120  # kill -> Crashed: the crash window plus a loaded machine
 START = 240  # a flow run created -> Running on the (restarted) worker
-SHORT = 90  # seconds the run whose retry must complete sleeps
-QUIET = 60  # after the last crash: long enough for the automation to have answered it (it takes seconds)
+SHORT = 45  # seconds the run whose retry must complete sleeps
+QUIET = 30  # after the last crash: long enough for the automation to have answered it (it takes seconds)
 
 
 def test_the_server_accepts_the_retry_automation():
@@ -152,8 +160,10 @@ def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crash
         running_with_heartbeat([short_retry, long_retry])
         retries_running = time.monotonic()
 
-        # The long one's retry crashes too (its worker dies) while the short one's completes.
-        kill_worker_of(long_retry)
+        # The long one's retry crashes too (its flow-run process dies) while the short one's completes.
+        worker = run(long_retry)["labels"]["prefect.worker.name"]
+        tree = kill_flow_runs(stack.service_pid(f"--name {worker} "))
+        assert any("prefect.engine" in cmd or "_workspace_supervisor" in cmd for cmd in tree.values()), tree
         killed_again = time.monotonic()
         completed = wait_for(
             "the retry of the short run did not end",
@@ -172,12 +182,12 @@ def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crash
         # The second crash is left Crashed, with its reason, and nothing runs again.
         time.sleep(QUIET)
         final = run(long_retry)["state"]
-        assert final["type"] == "CRASHED" and final["message"] == crash_message(HEARTBEAT), final
+        assert final["type"] == "CRASHED" and "-9" in final["message"], final
         assert {r["id"] for r in runs_of(retry)} == {short_retry, long_retry}
         assert {r["id"] for r in runs_of(nightly)} == {short["id"], long["id"]}
         assert {run(i)["state"]["type"] for i in (short["id"], long["id"])} == {"CRASHED"}
         assert stack.running
-        assert stack.output.count("exited with code -9; restarting") == 3, stack.output
+        assert stack.output.count("exited with code -9; restarting") == 2, stack.output
 
         detect = sorted(seconds for _, seconds in first.values())
         # From each crash (the Crashed state's time on the server) to its retry run being created.

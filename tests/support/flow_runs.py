@@ -99,3 +99,15 @@ def kill_worker_and_flow_runs(worker_pid: int) -> dict[int, str]:
         except ProcessLookupError:
             pass
     return tree
+
+
+def kill_flow_runs(worker_pid: int) -> dict[int, str]:
+    """SIGKILL every process the worker started (its flow runs), leaving the worker alive to see them
+    die and report the runs Crashed at once. Returns {pid: command line} of what was killed."""
+    tree = children_of(worker_pid)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
