@@ -222,7 +222,8 @@ def load_table(
     y = np.array([index.get(name, -1) for name in code_names], dtype=np.int64)[codes]
 
     keys = _as_strings(ids) if ids is not None else _row_keys(x)
-    x32 = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32's range: reported below, not warned about
+        x32 = x.astype(np.float32)
     del x
     if not np.isfinite(x32).all():
         first = int(np.flatnonzero(~np.isfinite(x32).all(axis=1))[0])
@@ -287,9 +288,14 @@ def _read_all(pattern: str, what: str) -> tuple[pd.DataFrame, _Origin]:
             if set(frame.columns) != set(frames[0].columns):
                 missing = sorted(set(frames[0].columns) - set(frame.columns), key=str)
                 extra = sorted(set(frame.columns) - set(frames[0].columns), key=str)
+                differences = "; ".join(
+                    f"{kind}: {_names(names)}"
+                    for kind, names in (("missing", missing), ("extra", extra))
+                    if names
+                )
                 raise TableError(
-                    f"{what}: {file} has other columns than {files[0].name} (missing: {_names(missing)}; "
-                    f"extra: {_names(extra)}); allowed: every matched file with the same columns"
+                    f"{what}: {file} has other columns than {files[0].name} ({differences}); "
+                    "allowed: every matched file with the same columns"
                 )
             frame = frame[list(frames[0].columns)]
         frames.append(frame)
@@ -444,8 +450,9 @@ def _reject_mostly_numeric(column: pd.Series, where: str) -> None:
         )
 
 
-def _numeric(frame: pd.DataFrame, names: list[str], origin: _Origin) -> np.ndarray:
-    """The feature columns as float64 (N, D); TableError naming a non-numeric column and a bad value."""
+def _numeric(frame: pd.DataFrame, names: list[str], origin: _Origin, what: str = "features") -> np.ndarray:
+    """The feature columns as float64 (N, D); TableError naming a non-numeric column and a bad value
+    (`what`: the key the message starts with, `features` or `ood_path`)."""
     for name in names:
         column = frame[name]
         if pd.api.types.is_numeric_dtype(column.dtype):
@@ -453,9 +460,10 @@ def _numeric(frame: pd.DataFrame, names: list[str], origin: _Origin) -> np.ndarr
         converted = pd.to_numeric(column, errors="coerce")
         bad = converted.isna().to_numpy() & column.notna().to_numpy()
         first = int(np.flatnonzero(bad)[0]) if bad.any() else 0
+        allowed = "numbers only, or leave it out of features" if what == "features" else "numbers only"
         raise TableError(
-            f"features: column {name!r} is not numeric (dtype {column.dtype}; {_row(origin, first)} has "
-            f"{column.iloc[first]!r}); allowed: numbers only, or leave it out of features"
+            f"{what}: column {name!r} is not numeric (dtype {column.dtype}; {_row(origin, first)} has "
+            f"{column.iloc[first]!r}); allowed: {allowed}"
         )
     x = np.empty((len(frame), len(names)), dtype=np.float64)
     for j, name in enumerate(names):  # column by column: no temporary copy of the whole selection
@@ -530,7 +538,7 @@ def _read_ood(ood_path: str, feature_names: list[str], missing: str) -> np.ndarr
             f"ood_path: {ood_path!r} lacks the training feature column(s) {_names(absent)}; "
             f"allowed: a table with the columns {_names(feature_names)} (others are ignored)"
         )
-    x = _numeric(frame, feature_names, origin)
+    x = _numeric(frame, feature_names, origin, "ood_path")
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         if missing == "error":
@@ -542,7 +550,8 @@ def _read_ood(ood_path: str, feature_names: list[str], missing: str) -> np.ndarr
                 "allowed: finite values, or missing: drop"
             )
         x = x[~bad]
-    x32 = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # reported below, not warned about
+        x32 = x.astype(np.float32)
     if not np.isfinite(x32).all():
         raise TableError(f"ood_path {ood_path!r}: a value is beyond float32's range; allowed: |x| < 3.4e38")
     return x32

@@ -88,6 +88,21 @@ def ood_columns(tmp_path) -> dict:
     return {"path": write(tmp_path, "t.csv", GOOD), "label": "label", "ood_path": ood}
 
 
+def beyond_float32(tmp_path) -> dict:
+    return {"path": write(tmp_path, "t.csv", GOOD.assign(a=1e300)), "label": "label"}
+
+
+def ood_text(tmp_path) -> dict:
+    ood = write(tmp_path, "ood.csv", pd.DataFrame({"id": [1, 2], "a": ["far", "away"], "b": [3.0, 4.0]}))
+    return {"path": write(tmp_path, "t.csv", GOOD), "label": "label", "ood_path": ood}
+
+
+def glob_extra_column(tmp_path) -> dict:
+    write(tmp_path, "p1.csv", GOOD)
+    write(tmp_path, "p2.csv", GOOD.assign(c=1.0))
+    return {"path": str(tmp_path / "p*.csv"), "label": "label"}
+
+
 def at(*parts: str):
     """A table section whose path is `parts` under the data folder (which holds nothing)."""
     return lambda tmp_path: {"path": str(tmp_path.joinpath(*parts)), "label": "label"}
@@ -121,6 +136,9 @@ CASES = {
     "no-label-key": (lambda p: {"path": write(p, "t.csv", GOOD)}, ["table.label", "required"]),
     "unknown-key": (good(lable="label"), ["table.lable", "unknown key", "label"]),
     "missing-policy": (good(missing="skip"), ["table.missing", "'error' or 'drop'", "skip"]),
+    "beyond-float32": (beyond_float32, ["t.csv", "data row 1", "float32"]),
+    "ood-not-numeric": (ood_text, ["table.ood_path", "ood.csv", "'a'", "not numeric", "'far'"]),
+    "glob-files-differ": (glob_extra_column, ["p2.csv", "other columns than p1.csv (extra: 'c')"]),
 }  # fmt: skip
 
 
