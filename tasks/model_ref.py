@@ -15,8 +15,10 @@ not a pyfunc, raises ModelNotFound with one line saying which and why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .redaction import redact
@@ -91,7 +93,8 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelRef:
     client = MlflowClient(tracking_uri)
     try:
         ref = _pin(client, uri)
-        info = mlflow.models.get_model_info(ref.resolved_uri)
+        with _tracking(tracking_uri):  # get_model_info reads the MLmodel through the global store
+            info = mlflow.models.get_model_info(ref.resolved_uri)
     except ModelNotFound:
         raise
     except (MlflowException, OSError, ValueError) as exc:
@@ -107,6 +110,23 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelRef:
         model_id=ref.model_id or getattr(info, "model_id", None),
         run_id=ref.run_id or info.run_id,
     )
+
+
+@contextlib.contextmanager
+def _tracking(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow's global tracking URI set to `tracking_uri` (if given) for the block, then put back as it was
+    (unset stays unset): `mlflow.models.get_model_info` takes no tracking URI of its own."""
+    import mlflow
+
+    if not tracking_uri:
+        yield
+        return
+    previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def _pin(client, uri: str) -> ModelRef:

@@ -80,3 +80,17 @@ def test_a_uri_that_names_nothing_is_one_line(store, uri, message):
     with pytest.raises(ModelNotFound) as caught:
         resolve_model(uri, store["uri"])
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_given_tracking_uri_is_used_whatever_the_global_one_is(store, tmp_path):
+    """`sngp serve-model/monitor --tracking-uri URI` with no MLFLOW_TRACKING_URI: the MLmodel is read from
+    URI's store too (not from MLflow's global default, which would be a new ./mlflow.db), and the global
+    tracking URI is left as it was."""
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    mlflow.set_tracking_uri(elsewhere)
+    try:
+        for uri in (f"runs:/{store['run_id']}/model", "models:/demo@champion", "models:/demo/2"):
+            assert resolve_model(uri, store["uri"]).run_id == store["run_id"]
+        assert mlflow.get_tracking_uri() == elsewhere
+    finally:
+        mlflow.set_tracking_uri(store["uri"])
