@@ -23,3 +23,17 @@ def test_cli_passes_the_dataset_to_the_flow():
     kwargs = flow_kwargs(config, uncertainty_pipeline)
     assert kwargs["dataset"] == "digits"
     assert kwargs["sngp"].gp_kernel_scale == 64
+
+
+def test_the_default_config_leaves_the_kernel_scale_to_the_data_set():
+    """`sngp run` without --config reads conf/default.yaml: two moons keeps the study's 1.0, and a switch
+    to digits or a table gets `auto` (DESIGN.md: the default for every data set but two moons)."""
+    from flows.cli.common import DEFAULT_CONFIG
+    from flows.config import read_config
+
+    assert read_config(DEFAULT_CONFIG).sngp.gp_kernel_scale == 1.0
+    assert read_config(DEFAULT_CONFIG, ["dataset=digits"]).sngp.gp_kernel_scale == "auto"
+    table = ["dataset=table", "table.path=t.csv", "table.label=y"]
+    assert read_config(DEFAULT_CONFIG, table).sngp.gp_kernel_scale == "auto"
+    by_hand = read_config(DEFAULT_CONFIG, ["dataset=digits", "sngp.gp_kernel_scale=2"])
+    assert by_hand.sngp.gp_kernel_scale == 2.0
