@@ -44,6 +44,14 @@ def check_complete_record(reader, parent_id: str) -> dict:
         assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"]), tags["git_commit"]
     config = yaml.safe_load(reader.download(parent_id, "config.yaml"))
     assert config["training"]["epochs"] == EPOCHS and config["methods"] == list(METHODS)
+    smoke = yaml.safe_load(SMOKE.read_text())["data"]
+    rows = {
+        "train": 2 * smoke["n_train_per_class"],
+        "test": 2 * smoke["n_test_per_class"],
+        "ood": smoke["n_ood"],
+    }
+    for run in [reader.client.get_run(parent_id), *children.values()]:  # two moons records its data too
+        records.check_data_lineage(run, rows, ["0", "1"], source_type="code")
     for method, run in children.items():
         assert run.data.params["epochs"] == str(EPOCHS)
         assert 0.7 < run.data.metrics["test_accuracy"] <= 1.0, (method, run.data.metrics["test_accuracy"])

@@ -14,7 +14,6 @@ and an untouched source is a cache hit. `pytest -s` prints every method's metric
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 import sklearn.datasets
 import yaml
 from support.cli import describe, run_python, run_sngp
-from support.records import STUDY_METHODS, children, logged_models
+from support.records import STUDY_METHODS, check_data_lineage, children, logged_models
 
 from sngp_models.evaluation import GRID_METRICS, METRIC_NAMES, OOD_METRICS
 from sngp_models.table import test_side
@@ -38,7 +37,6 @@ SMALL = {  # seconds per method on 2 shared cores
     "mc_dropout": {"num_samples": 3},
     "deep_ensemble": {"ensemble_size": 2},
 }
-DATA_PARAMS = ("data.rows_train", "data.rows_test", "data.rows_ood", "data.classes", "data.digest")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,28 +120,6 @@ def check_table_record(
     sngp = kids["sngp"].data.params
     assert sngp["gp_kernel_scale"] == "auto" and float(sngp["gp_kernel_scale_chosen"]) > 0, sngp
     return kids
-
-
-def check_data_lineage(run, rows: dict[str, int], classes: list[str]) -> None:
-    params = run.data.params
-    assert {p: params.get(p) for p in DATA_PARAMS} == {
-        "data.rows_train": str(rows["train"]),
-        "data.rows_test": str(rows["test"]),
-        "data.rows_ood": str(rows["ood"]),
-        "data.classes": ",".join(classes),
-        "data.digest": params.get("data.digest"),
-    }, params
-    assert len(params["data.digest"]) == 64, params["data.digest"]
-    logged = {}
-    for entry in run.inputs.dataset_inputs:
-        tags = {t.key: t.value for t in entry.tags}
-        logged[tags["mlflow.data.context"]] = entry.dataset
-    assert sorted(logged) == ["ood", "test", "train"], (run.info.run_name, sorted(logged))
-    for split, dataset in logged.items():
-        assert dataset.name.endswith(f"-{split}") and dataset.digest, (split, dataset)
-        assert dataset.source_type == "local" and "uri" in json.loads(dataset.source), dataset.source
-        assert json.loads(dataset.profile) == {"num_rows": rows[split]}, (split, dataset.profile)
-    assert len({d.digest for d in logged.values()}) == 3  # three different splits
 
 
 PREDICT = r"""
