@@ -1,10 +1,10 @@
-"""One model behind MLflow's scoring server: `mlflow models serve -m URI --env-manager local`, the process
-of `sngp serve-model` (POST /invocations, GET /ping).
+"""One model behind MLflow's scoring server, the process of `sngp serve-model` (POST /invocations, GET /ping):
+the app `mlflow models serve -m URI --env-manager local` runs (`mlflow.pyfunc.scoring_server`), served by
+uvicorn in this interpreter (flows/ops/scoring_app.py), whose error answers carry no stack trace.
 
-MLflow starts the server as `bash -c "exec uvicorn ..."`, found on PATH: the child gets this
-interpreter's bin directory (the project venv) first on its PATH, so `.venv/bin/sngp serve-model`
-works without an activated venv. `--env-manager local`: the model runs in this environment, which
-already has every requirement it pins (no virtualenv is built per model).
+The child is `<this python> -m uvicorn flows.ops.scoring_app:app`, with this interpreter's bin directory
+first on its PATH, so `.venv/bin/sngp serve-model` works without an activated venv. The model runs in this
+environment, which already has every requirement it pins (no virtualenv is built per model).
 
     server = ModelServer("models:/sngp-uncertainty-sngp@champion", port=5001, env=model_server_env())
     server.start()          # ServiceError: port taken, the server exited or did not answer in time
@@ -24,22 +24,24 @@ from flows.ops import processes
 from flows.ops.errors import ServiceError
 from flows.ops.network import answers, check_port_free, client_url
 
+MODEL_URI_ENV = "SNGP_SERVE_MODEL_URI"  # flows/ops/scoring_app.py serves the model it names
+
 DEFAULT_MODEL_PORT = 5001
 READY_TIMEOUT = 180.0  # loading TensorFlow and the model takes ~20 s on 2 cores
 STOP_SCHEDULE = ((signal.SIGTERM, 5.0),)
 
 
-def model_server_command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
+def model_server_command(host: str, port: int, workers: int = 1) -> list[str]:
+    """uvicorn serving flows/ops/scoring_app.py (the model: $SNGP_SERVE_MODEL_URI, see model_server_env)."""
     return [
-        "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+        sys.executable, "-m", "uvicorn", "flows.ops.scoring_app:app",
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
 
 
 def model_server_env(base: dict[str, str] | None = None, tracking_uri: str | None = None) -> dict[str, str]:
-    """`base` (default: this process's environment) with this interpreter's bin directory first on PATH
-    (MLflow runs `uvicorn` from PATH), and MLFLOW_TRACKING_URI if given (where models:/ and runs:/ URIs
-    are looked up)."""
+    """`base` (default: this process's environment) with this interpreter's bin directory first on PATH,
+    and MLFLOW_TRACKING_URI if given (where models:/ and runs:/ URIs are looked up)."""
     env = dict(os.environ if base is None else base)
     bindir = str(Path(sys.executable).parent)
     rest = [entry for entry in env.get("PATH", "").split(os.pathsep) if entry and entry != bindir]
@@ -86,8 +88,8 @@ class ModelServer:
         started = time.monotonic()
         self.child = processes.spawn(
             "model-server",
-            model_server_command(self.uri, self.host, self.port),
-            env=self.env,
+            model_server_command(self.host, self.port),
+            env={**self.env, MODEL_URI_ENV: self.uri},
             cwd=self.cwd,
             log=self.log,
             death_signal=signal.SIGTERM if self.die_with_parent else None,

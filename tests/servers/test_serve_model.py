@@ -162,6 +162,7 @@ def test_the_abstain_threshold_param_overrides_the_calibrated_one(server, rows):
         ({"dataframe_split": {"columns": ["x0"], "data": [[0.5]]}}, None, ["x1"]),
         ({"dataframe_records": [{"x0": 0.5, "x2": 1.0}]}, None, ["x1"]),
         ({"dataframe_split": {"columns": FEATURES, "data": [["a", 1.0]]}}, None, ["x0", "'a'"]),
+        ("x0,x1\n0.5,abc\n", "text/csv", ["'abc'"]),  # MLflow's CSV parser: its traceback is cut off
         ({"dataframe_split": {"columns": FEATURES, "data": [[0.5, None]]}}, None, ["NaN"]),
         ({"dataframe_split": {"columns": FEATURES, "data": [[0.5, "NaN"]]}}, None, ["NaN"]),
         ("x0,x1\n0.5,nan\n", "text/csv", ["NaN"]),
@@ -172,7 +173,8 @@ def test_the_abstain_threshold_param_overrides_the_calibrated_one(server, rows):
         ("{not json", None, ["json"]),
     ],
     ids=[
-        "missing-column", "records-missing-column", "string-value", "null", "nan-string", "csv-nan",
+        "missing-column", "records-missing-column", "string-value", "csv-string-value", "null", "nan-string",
+        "csv-nan",
         "empty-frame", "csv-empty", "params-string", "params-list", "not-json",
     ],
 )  # fmt: skip
