@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import sngp_models
+from sngp_models.abstention import calibrate, reject_rate
 from sngp_models.data import make_dataset
 
 pytestmark = pytest.mark.slow
@@ -27,6 +28,8 @@ def _figures(method: str, seed: int) -> dict[str, float]:
         "grid_mean_uncertainty": float(grid.uncertainty.mean()),
     }
     figures["ood_to_train_uncertainty"] = figures["ood_mean_uncertainty"] / figures["train_mean_uncertainty"]
+    # Abstention (issue 15): the threshold accepting 95 % of the test split, applied to the OOD cluster.
+    figures["ood_reject_rate"] = reject_rate(ood.uncertainty, calibrate(test.uncertainty, 0.95).threshold)
     print(f"\nstudy {method} seed={seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
     return figures
 
@@ -47,6 +50,14 @@ def test_deterministic_is_accurate(deterministic) -> None:
 
 def test_deterministic_is_overconfident_on_ood(deterministic) -> None:
     assert deterministic["ood_mean_max_prob"] >= 0.95
+
+
+def test_deterministic_abstains_on_almost_none_of_the_ood_cluster(deterministic) -> None:
+    assert deterministic["ood_reject_rate"] <= 0.05
+
+
+def test_sngp_abstains_on_the_ood_cluster(sngp) -> None:
+    assert sngp["ood_reject_rate"] >= 0.95
 
 
 def test_sngp_is_accurate(sngp) -> None:
