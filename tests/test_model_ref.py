@@ -22,8 +22,10 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("model-ref")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    # Artefacts beside the store (SQLite's default would be ./mlruns in the working directory).
+    mlflow.create_experiment("model-ref", artifact_location=(root / "artifacts").as_uri())
     experiment = mlflow.set_experiment("model-ref")
-    assert experiment.artifact_location
+    assert experiment.artifact_location.startswith(root.as_uri())
     with mlflow.start_run() as run:
         info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
     client = MlflowClient(uri)
