@@ -123,7 +123,8 @@ def match_files(pattern: str, what: str = "path") -> list[Path]:
         files = sorted((Path(p) for p in glob.glob(pattern)), key=lambda p: (p.name, str(p)))
         if not files:
             raise TableError(
-                f"{what}: the glob {pattern!r} matches no file; give an existing CSV/Parquet file"
+                f"{what}: the glob {pattern!r} matches no file{_relative(pattern)}; "
+                "give an existing CSV/Parquet file"
             )
     else:
         files = [Path(pattern)]
@@ -133,13 +134,21 @@ def match_files(pattern: str, what: str = "path") -> list[Path]:
                 f"{what}: {file} is a directory; give a CSV or Parquet file or a glob such as {file}/*.csv"
             )
         if not file.exists():
-            raise TableError(f"{what}: {file} does not exist; give an existing CSV or Parquet file or a glob")
+            raise TableError(
+                f"{what}: {file} does not exist{_relative(file)}; "
+                "give an existing CSV or Parquet file or a glob"
+            )
         if file.suffix.lower() not in CSV_SUFFIXES + PARQUET_SUFFIXES:
             raise TableError(
                 f"{what}: {file} has suffix {file.suffix!r}; allowed: "
                 f"{', '.join(CSV_SUFFIXES + PARQUET_SUFFIXES)}"
             )
     return files
+
+
+def _relative(path: str | Path) -> str:
+    """For a message about a relative path: where it was looked for (the working directory)."""
+    return "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
 
 
 # --- loading -------------------------------------------------------------------------------------------

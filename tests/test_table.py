@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -395,3 +396,17 @@ def test_no_row_on_the_test_side(tmp_path: Path) -> None:
     frame = small_frame(6)
     with pytest.raises(TableError, match="no row falls on the test side|training row"):
         load_table(str(write(frame, tmp_path / "t.csv")), label="y", test_fraction=0.01)
+
+
+def test_a_relative_path_is_looked_for_in_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """The message says where a relative path was looked for (`sngp run` started in another folder than
+    the config's data)."""
+    monkeypatch.chdir(tmp_path)
+    where = re.escape(f"(relative to the working directory {tmp_path})")
+    with pytest.raises(TableError, match=rf"data/t\.csv does not exist {where}"):
+        load_table("data/t.csv", "y")
+    with pytest.raises(TableError, match=rf"matches no file {where}"):
+        load_table("data/*.csv", "y")
+    with pytest.raises(TableError) as exc:
+        load_table(str(tmp_path / "t.csv"), "y")
+    assert "relative to" not in str(exc.value)
