@@ -1,4 +1,4 @@
-"""The detection of unresponsive flow runs, without the served stack (tests/servers/test_unresponsive_runs.py
+"""The detection of unresponsive flow runs, without the served stack (tests/servers/test_crash_retry.py
 checks it end to end): the automation `sngp serve` keeps on its Prefect server is one Prefect's API
 accepts, with a window derived from the workers' heartbeat interval; the workers get that interval;
 and a sweep point whose flow run the automation crashed is reported as one that stopped responding

@@ -1,5 +1,5 @@
-"""A flow that only sleeps, for tests/servers/test_unresponsive_runs.py and test_crash_retry.py: deployed
-on the served work pool, its worker and flow-run process are killed while it runs.
+"""A flow that only sleeps, for tests/servers/test_crash_retry.py: deployed on the
+served work pool, its worker and flow-run process are killed while it runs.
 
 Its parameters are those of the sweep-point flow (flows/sweep_point_flow.py), so the sweep's
 `dispatch_point` can submit it like a point; `seconds` is how long it sleeps.

@@ -3,12 +3,15 @@
 On a real `sngp serve` stack (--heartbeat-seconds 30, two workers of one flow run each): the sleeper
 flow (tests/servers/sleeper_flow.py) deployed under the retrain flow's name as retrain/nightly and
 retrain/nightly-retry (prefect.yaml's names: the automation looks them up by name), and `sngp
-deploy-automations`, as `make deploy` runs it. Two nightly runs are started (one short, one long, one
-per worker) and both workers are SIGKILLed with their flow-run processes, as when the machine dies;
+deploy-automations`, as `make deploy` runs it. Two nightly runs are started (one short; one long,
+submitted as `sngp sweep --runner workpool` submits a point), one per worker; they send heartbeats
+every 30 s, and both workers are SIGKILLed with their flow-run processes, as when the machine dies;
 `sngp serve` restarts them. Then:
 
-1. `sngp serve`'s crash automation marks both runs Crashed once their heartbeats stop, with a message
-   saying why (the state's message in the Prefect UI);
+1. `sngp serve`'s crash automation marks both runs Crashed once their heartbeats stop: not before the
+   window after a run's last heartbeat has passed, and within a generous bound after it, with a
+   message saying why (the state's message in the Prefect UI); the sweep's dispatch reports its run as
+   one that stopped responding;
 2. the automation `sngp: retry a crashed nightly retrain` starts one run of retrain/nightly-retry per
    crashed run, with exactly its parameters;
 3. the long one's retry crashes too, its flow-run process SIGKILLed under a live worker (which reports
@@ -21,8 +24,11 @@ Nothing is mocked. `pytest -s` prints the measured times.
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 from support.cli import SNGP
 from support.flow_runs import (
@@ -39,11 +45,14 @@ from support.stack import serve_processes
 from flows.ops.automation import MIN_HEARTBEAT_SECONDS, crash_after_seconds, crash_message
 from flows.ops.drift_automation import RETRAIN_DEPLOYMENT
 from flows.ops.retry_automation import RETRY_AUTOMATION_NAME, RETRY_DEPLOYMENT, retry_automation
+from tasks.sweep import FlowRunFailed, dispatch_point
 
 HEARTBEAT = MIN_HEARTBEAT_SECONDS  # 30 s: the shortest Prefect accepts
-DETECT = crash_after_seconds(HEARTBEAT) + 120  # kill -> Crashed: the crash window plus a loaded machine
+WITHIN = crash_after_seconds(HEARTBEAT)  # 120 s without a heartbeat -> Crashed
+LATE = 90.0  # how much later than its window the automation may fire on a loaded 2-core machine
+DETECT = WITHIN + 120  # kill -> Crashed: the crash window plus a loaded machine
 START = 240  # a flow run created -> Running on the (restarted) worker
-SHORT = 45  # seconds the run whose retry must complete sleeps
+SHORT = 60  # seconds the run whose retry must complete sleeps
 QUIET = 30  # after the last crash: long enough for the automation to have answered it (it takes seconds)
 
 
@@ -56,7 +65,10 @@ def test_the_server_accepts_the_retry_automation():
     AutomationCreate.model_validate(ours.model_dump(mode="json", exclude={"id"}))
 
 
-def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crashed(tmp_path):
+def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crashed(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("SNGP_CACHE_DIR", str(tmp_path / "cache"))  # the dispatch passes it to the worker
     with serve_processes(tmp_path / "stack") as launch:
         stack = launch("--heartbeat-seconds", str(HEARTBEAT), "--workers", "2")
         started = time.monotonic()
@@ -80,6 +92,10 @@ def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crash
                 f"{api}/flow_runs/filter",
                 {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}, "sort": "START_TIME_ASC"},
             )
+
+        def named(name: str) -> dict | None:
+            found = http_json(f"{api}/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
+            return found[0] if found else None
 
         def logs() -> str:
             text = f"\n--- sngp serve ---\n{stack.output[-3000:]}"
@@ -122,7 +138,8 @@ def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crash
             )
             return seen
 
-        # Two nightly runs, one short and one long, with nested parameters: one on each worker.
+        # Two nightly runs, one on each worker: a short one, and a long one submitted the way `sngp sweep
+        # --runner workpool` submits its points (tasks.sweep.dispatch_point, waited on in the background).
         def start_nightly(seconds: float) -> dict:
             parameters = {
                 "label": f"nightly-{uuid.uuid4().hex[:8]}",
@@ -131,17 +148,63 @@ def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crash
             }
             return http_json(f"{api}/deployments/{nightly['id']}/create_flow_run", {"parameters": parameters})
 
-        short, long = start_nightly(SHORT), start_nightly(3600)
+        short = start_nightly(SHORT)
+        label, outcome = f"nightly-{uuid.uuid4().hex[:8]}", {}
+
+        def dispatch() -> None:
+            settings = {"epochs": 3, "methods": ["sngp", "deterministic"]}
+            try:
+                dispatch_point.fn(
+                    label, "sngp", settings, "/nowhere.npz", RETRAIN_DEPLOYMENT, poll_seconds=2.0
+                )
+                outcome["error"] = "the dispatch returned normally"
+            except FlowRunFailed as exc:
+                outcome["error"] = str(exc)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                outcome["error"] = f"unexpected {type(exc).__name__}: {exc}"
+
+        with temporary_settings({PREFECT_API_URL: api}):
+            context = contextvars.copy_context()
+        dispatcher = threading.Thread(target=context.run, args=(dispatch,), daemon=True)
+        dispatcher.start()
+        long = wait_for("the dispatched flow run was not created", lambda: named(label), 60, describe=logs)
         running_with_heartbeat([short["id"], long["id"]])
+
+        # Two heartbeats HEARTBEAT s apart: the flow-run processes got the workers' interval.
+        beats = wait_for(
+            "two heartbeats did not arrive",
+            lambda: len(b := heartbeats(api, long["id"])) >= 2 and b,
+            HEARTBEAT + 90,
+            every=2.0,
+            describe=logs,
+        )
+        interval = (beats[1] - beats[0]).total_seconds()
+        assert HEARTBEAT - 3 <= interval <= HEARTBEAT + 15, beats
         assert run(short["id"])["state"]["type"] == "RUNNING"
 
         # The machine dies: both workers and their flow runs, nothing left to report it.
         kill_worker_of(short["id"])
         kill_worker_of(long["id"])
-        killed = time.monotonic()
+        killed, killed_wall = time.monotonic(), datetime.now(UTC)
+        last_beat = {i: max(heartbeats(api, i)) for i in (short["id"], long["id"])}
+        # Still Running until the window after a run's last heartbeat has passed...
+        while time.time() < min(beat.timestamp() for beat in last_beat.values()) + WITHIN - 5:
+            states = [run(i)["state"] for i in last_beat]
+            assert {s["type"] for s in states} == {"RUNNING"}, f"marked before its window ended: {states}"
+            time.sleep(5)
+        # ... then Crashed by sngp serve's automation, with its message.
         first = crashed([short["id"], long["id"]], killed)
-        for state, _ in first.values():
+        for run_id, (state, _) in first.items():
             assert state["name"] == "Crashed" and state["message"] == crash_message(HEARTBEAT), state
+            assert not [b for b in heartbeats(api, run_id) if b > killed_wall], "a heartbeat after the kill"
+            silent = (iso(state["timestamp"]) - last_beat[run_id]).total_seconds()
+            assert WITHIN - 1 <= silent <= WITHIN + LATE, (last_beat[run_id], state)
+        # The dispatch reports its point as a run that stopped responding.
+        dispatcher.join(timeout=30)
+        error = outcome.get("error", "the dispatch is still waiting")
+        assert error.startswith(f"flow run '{label}' ({long['id']}) on worker sngp-serve-worker-"), error
+        assert "stopped responding (its worker or machine died) and was marked Crashed: " in error, error
+        assert error.endswith(crash_message(HEARTBEAT)), error
 
         # One retry per crashed run, with its parameters, on retrain/nightly-retry.
         retries = wait_for(

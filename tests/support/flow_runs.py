@@ -18,14 +18,13 @@ from .stack import children_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SLEEPER_ENTRYPOINTS = {
-    "sngp-test-sleeper": "tests/servers/sleeper_flow.py:sleeper",
     "retrain": "tests/servers/sleeper_flow.py:retrain_stand_in",
 }
 
 
 def deploy_sleeper(api: str, name: str, pool: str = "sngp-pool") -> dict:
-    """Deploy tests/servers/sleeper_flow.py as `name` ('flow/deployment'; flow 'sngp-test-sleeper' or
-    'retrain') on `pool`, run from this checkout as prefect.yaml's deployments are -> the deployment."""
+    """Deploy tests/servers/sleeper_flow.py as `name` ('retrain/<deployment>') on `pool`, run from this
+    checkout as prefect.yaml's deployments are -> the deployment."""
     flow_name, deployment_name = name.split("/")
     flow = http_json(f"{api}/flows/", {"name": flow_name})
     http_json(
