@@ -139,7 +139,10 @@ def kill_and_restart(server: StandaloneServer, proc: SngpProcess) -> dict[str, f
     return {"away": back - killed, "restart": restart, "after": time.monotonic() - back}
 
 
-def kill_for_good(server: StandaloneServer, proc: SngpProcess, grace: int = 20) -> dict[str, float]:
+GONE_GRACE = 10  # --server-grace of the gone-for-good runs: short, as they wait it out in full
+
+
+def kill_for_good(server: StandaloneServer, proc: SngpProcess, grace: int = GONE_GRACE) -> dict[str, float]:
     """Once `proc` has trained, SIGKILL `server` for good; `proc` must print its `sngp run:` line within
     grace + 60 s and exit 1 -> the seconds from the kill to that `line` and to its `exit`."""
     try:
@@ -250,19 +253,19 @@ def test_a_registration_carried_out_but_never_answered_makes_one_version(tmp_pat
 
 
 def test_mlflow_server_gone_for_good_is_one_line_then_the_rerun_completes(tmp_path):
-    """Killed for good: `sngp run --server-grace 20` exits 1 within grace + 30 s with one line naming the
+    """Killed for good: `sngp run --server-grace 10` exits 1 within grace + 30 s with one line naming the
     server; with the server back, the rerun reuses every task and marks the orphaned parent FAILED."""
     server = MlflowServer(tmp_path / "mlflow")
     workdir = tmp_path / "run"
     with running(server):
-        proc = sngp([*SMOKE_ONE, "--tracking-uri", server.url, "--server-grace", "20"], workdir)
+        proc = sngp([*SMOKE_ONE, "--tracking-uri", server.url, "--server-grace", str(GONE_GRACE)], workdir)
         took = kill_for_good(server, proc)
         orphan = re.search(PARENT_STARTED, proc.stderr).group(0).split()[-1]
-        assert took["exit"] <= 20 + 30, f"exit {took['exit']:.1f} s after the kill\n{describe(proc)}"
+        assert took["exit"] <= GONE_GRACE + 30, f"exit {took['exit']:.1f} s after the kill\n{describe(proc)}"
         line = one_error_line(proc)
         assert line == (
-            f"sngp run: error: the MLflow server at {server.url} stopped answering (20 s); finished tasks "
-            "are cached: rerun when it is back"
+            f"sngp run: error: the MLflow server at {server.url} stopped answering ({GONE_GRACE} s); "
+            "finished tasks are cached: rerun when it is back"
         ), line
 
         server.start()
@@ -275,8 +278,8 @@ def test_mlflow_server_gone_for_good_is_one_line_then_the_rerun_completes(tmp_pa
         assert left.info.status == "FAILED" and ORPHAN_TAG in left.data.tags, left
         assert not running_runs(server.url), running_runs(server.url)
     print(
-        f"\nMLflow server gone: detected and exited {took['exit']:.1f} s after the kill (grace 20 s); "
-        f"rerun from the cache {rerun.seconds:.1f} s"
+        f"\nMLflow server gone: detected and exited {took['exit']:.1f} s after the kill (grace "
+        f"{GONE_GRACE} s); rerun from the cache {rerun.seconds:.1f} s"
     )
 
 
@@ -307,17 +310,19 @@ def test_prefect_server_gone_for_good_is_one_line(tmp_path):
     server = PrefectServer(tmp_path / "prefect")
     workdir = tmp_path / "run"
     with running(server):
-        proc = sngp([*SMOKE_ONE, "--server-grace", "20"], workdir, prefect_api=server.api_url)
+        proc = sngp([*SMOKE_ONE, "--server-grace", str(GONE_GRACE)], workdir, prefect_api=server.api_url)
         took = kill_for_good(server, proc)
-    assert took["line"] <= 20 + 30, f"error line {took['line']:.1f} s after the kill\n{describe(proc)}"
+    assert took["line"] <= GONE_GRACE + 30, (
+        f"error line {took['line']:.1f} s after the kill\n{describe(proc)}"
+    )
     line = one_error_line(proc)
     assert line.startswith(
-        f"sngp run: error: the Prefect server at {server.api_url} stopped answering (20 s)"
+        f"sngp run: error: the Prefect server at {server.api_url} stopped answering ({GONE_GRACE} s)"
     )
     assert not running_runs(sqlite_uri(workdir)), running_runs(sqlite_uri(workdir))
     print(
-        f"\nPrefect server gone: the line {took['line']:.1f} s after the kill (grace 20 s), exit after "
-        f"{took['exit']:.1f} s (Prefect's events worker gives up on each queued event for ~8 s first)"
+        f"\nPrefect server gone: the line {took['line']:.1f} s after the kill (grace {GONE_GRACE} s), exit "
+        f"after {took['exit']:.1f} s (Prefect's events worker gives up on each queued event for ~8 s first)"
     )
 
 
