@@ -24,7 +24,9 @@ from typing import Any
 import prefect.deployments
 from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE, CompoundCachePolicy, Inputs
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run as current_flow_run
 
 from .cache import CACHE_POLICY, CODE_VERSION, cache_root, configured, write_atomic
 from .data import data_file
@@ -34,7 +36,11 @@ from .train import train_model
 
 # Points dispatched at once (threads waiting for their flow runs); the pool's workers decide how many run.
 MAX_DISPATCHED = 64
-# What the Crashed state of a flow run whose heartbeats stopped says (`sngp serve`'s crash automation).
+# A dispatch the Prefect server kept answering "busy, retry" past its client's own retries (SQLite's
+# "database is locked" under a burst of writes is a 503) is tried again this often, this much later.
+DISPATCH_RETRIES = 2
+DISPATCH_RETRY_SECONDS = 15
+SERVER_BUSY = frozenset({502, 503, 504})
 
 
 @task(name="sweep-point", task_run_name="sweep-{label}", cache_policy=CACHE_POLICY, persist_result=True)
@@ -180,11 +186,20 @@ class FlowRunFailed(RuntimeError):
     """A point's flow run on the work pool did not complete (the message says where and why)."""
 
 
+def server_was_busy(task, task_run, state) -> bool:
+    """dispatch-point's retry condition: it failed because the Prefect server answered busy (SERVER_BUSY)."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, PrefectHTTPStatusError) and error.response.status_code in SERVER_BUSY
+
+
 @task(
     name="dispatch-point",
     task_run_name="dispatch-{label}",
     cache_policy=NO_CACHE,  # the point flow's own task is cached; a dispatch always asks the pool
     persist_result=False,
+    retries=DISPATCH_RETRIES,
+    retry_delay_seconds=DISPATCH_RETRY_SECONDS,
+    retry_condition_fn=server_was_busy,
 )
 def dispatch_point(
     label: str,
@@ -203,7 +218,12 @@ def dispatch_point(
     heartbeats stop, with a message saying it stopped responding (UNRESPONSIVE).
 
     The flow run gets this sweep's cache folder (SNGP_CACHE_DIR, through the job's environment), so its
-    worker reads the sweep's data file and shares the cache; it fails if it sees another folder."""
+    worker reads the sweep's data file and shares the cache; it fails if it sees another folder.
+
+    Retried when the server answered busy; the flow run's idempotency key (the sweep's flow run and the
+    point) makes a retry, or the client's resend of a request whose answer was lost, find the flow run
+    the server already created instead of starting the point twice."""
+    sweep_run = current_flow_run.id
     flow_run = prefect.deployments.run_deployment(
         name=deployment,
         parameters={
@@ -215,6 +235,7 @@ def dispatch_point(
         },
         job_variables={"env": {"SNGP_CACHE_DIR": str(cache_root())}},
         flow_run_name=label,
+        idempotency_key=f"sngp-sweep {sweep_run} {label}" if sweep_run else None,
         timeout=None,  # wait for as long as the point takes (or waits for a free worker)
         poll_interval=poll_seconds,
     )

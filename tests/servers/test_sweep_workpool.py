@@ -12,8 +12,11 @@ on free loopback ports and a temporary directory), `make deploy` against it, the
    the Prefect server, the result files the point flows leave in the cache);
 3. the rerun on the pool is served from the cache (each point flow reports its task as Cached), and
    the thread runner on the pool's cache finds every point cached too (one cache, any runner);
-4. a deployment that does not exist or runs another flow is one line, exit code 2;
-5. stopping the stack stops both workers.
+4. a server that answers a point's dispatch "503, busy" past the client's own retries (Prefect's on
+   SQLite's "database is locked"), or carries it out but loses the answer, costs a retry, not a failed
+   or doubled point (a proxy in front of the Prefect server does both, deterministically);
+5. a deployment that does not exist or runs another flow is one line, exit code 2;
+6. stopping the stack stops both workers.
 
 Nothing is mocked. `pytest -s` prints the wall times.
 """
@@ -28,12 +31,13 @@ from pathlib import Path
 
 import pytest
 from support.cli import SNGP, describe
+from support.dropping_proxy import dropping_proxy
 from support.net import http_json, two_ports
 from support.stack import StackClient, use_server_env
 from test_sweep import N_POINTS, SWEEP, assert_same_metrics, check_complete_record, points_of
 
 from flows.ops.stack import start_services
-from tasks.sweep import FlowRunFailed, dispatch_point
+from tasks.sweep import DISPATCH_RETRIES, FlowRunFailed, dispatch_point
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENT = "sweep-point/pool"
@@ -173,6 +177,45 @@ def test_workpool_sweep_spreads_over_two_workers_with_the_thread_runners_metrics
         f"{WALL_TIMES['thread pool (2 threads)']:.1f} s; "
         + "; ".join(f"{w} ran {', '.join(ids)}" for w, ids in sorted(by_worker.items()))
     )
+
+
+def _creates_flow_run_of(point_id: str):
+    """Proxy rule: the request creating point `point_id`'s flow run from the deployment."""
+    return lambda method, path, body: (
+        method == "POST" and path.endswith("/create_flow_run") and f'"{point_id} sngp '.encode() in body
+    )
+
+
+def test_a_busy_or_lost_dispatch_is_retried_without_doubling_a_point(stack, deployed, pool_run):
+    # --server-grace 2: Prefect's client tries each request twice, so three 503s outlast the first try
+    # of p003's dispatch; p005's flow run is created but the answer lost, and the client sends it again.
+    busy = {"p003 refused": (_creates_flow_run_of("p003"), 3)}
+    lost = {"p005 lost": _creates_flow_run_of("p005")}
+
+    def count(**flow_runs) -> int:
+        return http_json(f"{stack.prefect_api}/flow_runs/count", {"flow_runs": flow_runs})
+
+    by_deployment = {"deployment_id": {"any_": [deployed["id"]]}}
+    before = count(**by_deployment)
+    before_p005 = count(**by_deployment, name={"like_": "p005 sngp"})
+    upstream = stack.prefect_api.removesuffix("/api")
+    with dropping_proxy(upstream, lost, busy) as proxy:
+        env = {**stack.client_env(cache_dir=stack.cache("cache-pool")), "PREFECT_API_URL": f"{proxy.url}/api"}
+        proc = stack.run(
+            [SNGP, "sweep", "--config", SWEEP, "--runner", "workpool", "--server-grace", "2"], env
+        )
+    assert proc.returncode == 0, describe(proc) + stack.logs()
+    assert proxy.refused == ["p003 refused"] * 3 and proxy.dropped == ["p005 lost"], (
+        proxy.refused,
+        proxy.dropped,
+    )
+    assert f"{N_POINTS} points, {N_POINTS} finished ({N_POINTS} from the cache), 0 failed" in proc.stdout, (
+        describe(proc)
+    )
+    assert f"Retry 1/{DISPATCH_RETRIES} will start" in proc.stderr, describe(proc)  # the dispatch's own retry
+    # One flow run per point: neither the retried dispatch nor the resent request made a second one.
+    assert count(**by_deployment) - before == N_POINTS
+    assert count(**by_deployment, name={"like_": "p005 sngp"}) - before_p005 == 1
 
 
 def test_rerun_on_the_pool_is_served_from_the_cache(stack, deployed, pool_run):

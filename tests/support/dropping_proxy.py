@@ -1,6 +1,8 @@
 """An HTTP proxy between a client and a real server that carries out a chosen request and then closes the
 connection without answering it: what a server killed between its commit and its answer looks like to the
-client, made deterministic. The client's own retry then sends the request again.
+client, made deterministic. The client's own retry then sends the request again. It can also answer
+chosen requests "503 Service Unavailable" without forwarding them, as a busy server does (Prefect's on
+SQLite's "database is locked").
 
 Real sockets, real HTTP, nothing mocked: every other request is forwarded as it is.
 """
@@ -18,21 +20,28 @@ from urllib.parse import urlsplit
 # Headers of one connection, not of the request: the proxy sets its own for each side.
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "upgrade"}
 
+BUSY_ANSWER = b'{"exception_message": "Service Unavailable"}'  # what Prefect's server answers
+
 # (HTTP method, path, body) -> drop the answer to this request?
 DropRule = Callable[[str, str, bytes], bool]
 
 
 class DroppingProxy:
     """Forwards to `upstream`; the first request each rule matches is carried out upstream, then its
-    connection is closed unanswered (each rule fires once). `seen`: every request forwarded, as
-    "METHOD path"; `dropped`: the ones left unanswered."""
+    connection is closed unanswered (each rule fires once). The first `times` requests each `busy` rule
+    matches are answered 503 and not forwarded. `seen`: every request, as "METHOD path"; `dropped`: the
+    rules that left a request unanswered; `refused`: the busy rule of each 503 answered."""
 
-    def __init__(self, upstream: str, rules: dict[str, DropRule]):
+    def __init__(
+        self, upstream: str, rules: dict[str, DropRule], busy: dict[str, tuple[DropRule, int]] | None = None
+    ):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.pending = dict(rules)
+        self.busy = {name: [rule, times] for name, (rule, times) in (busy or {}).items()}
         self.seen: list[str] = []
         self.dropped: list[str] = []
+        self.refused: list[str] = []
         self.lock = threading.Lock()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.server.daemon_threads = True
@@ -53,6 +62,18 @@ class DroppingProxy:
                     return name
         return None
 
+    def refuse(self, method: str, path: str, body: bytes) -> bool:
+        """Answer this request 503 instead of forwarding it?"""
+        with self.lock:
+            for name, spec in self.busy.items():
+                rule, times = spec
+                if times > 0 and rule(method, path, body):
+                    spec[1] -= 1
+                    self.seen.append(f"{method} {path}")
+                    self.refused.append(name)
+                    return True
+        return False
+
     def forward(self, method: str, path: str, headers: dict[str, str], body: bytes):
         conn = http.client.HTTPConnection(*self.upstream, timeout=300)
         try:
@@ -70,12 +91,18 @@ class DroppingProxy:
 
             def relay(self) -> None:
                 body = self.read_body()
+                if proxy.refuse(self.command, self.path, body):
+                    self.answer(503, "Service Unavailable", [], BUSY_ANSWER)
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 status, reason, answer_headers, answer = proxy.forward(self.command, self.path, headers, body)
                 if proxy.drop(self.command, self.path, body):
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)  # done upstream, never answered
                     return
+                self.answer(status, reason, answer_headers, answer)
+
+            def answer(self, status: int, reason: str, answer_headers: list, answer: bytes) -> None:
                 self.send_response_only(status, reason)
                 for key, value in answer_headers:
                     if key.lower() not in _HOP_BY_HOP:
@@ -104,9 +131,11 @@ class DroppingProxy:
 
 
 @contextmanager
-def dropping_proxy(upstream: str, rules: dict[str, DropRule]) -> Iterator[DroppingProxy]:
+def dropping_proxy(
+    upstream: str, rules: dict[str, DropRule], busy: dict[str, tuple[DropRule, int]] | None = None
+) -> Iterator[DroppingProxy]:
     """A DroppingProxy serving for a `with` block."""
-    proxy = DroppingProxy(upstream, rules)
+    proxy = DroppingProxy(upstream, rules, busy)
     thread = threading.Thread(target=proxy.server.serve_forever, daemon=True)
     thread.start()
     try:
