@@ -259,10 +259,12 @@ def dataset_source(source: str | dict):
 
 def data_name(facts: dict[str, Any]) -> str:
     """The data's name in MLflow: the data set (two_moons, digits), or the table's file name without
-    its suffix (a glob's pattern: `part-*`)."""
+    its suffix (a glob's pattern: `part-*`; its folder's name for a pattern of wildcards only, `*.csv`)."""
     if facts["dataset"] != "table":
         return facts["dataset"]
-    return Path(str(facts["source"]).split(" + ")[0]).name.rsplit(".", 1)[0]
+    path = Path(str(facts["source"]).split(" + ")[0])
+    stem = path.name.rsplit(".", 1)[0]
+    return stem if any(c.isalnum() for c in stem) or not path.parent.name else path.parent.name
 
 
 def data_params(train: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +284,8 @@ def log_data(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
     data), and the data params."""
     datasets, contexts = [], []
     for split, facts in (("train", train), ("test", evaluation), ("ood", evaluation)):
+        if not facts["rows"][split]:
+            continue  # no OOD source: nothing to show (data.rows_ood says 0)
         schema = Schema(
             [ColSpec("double", name) for name in facts["feature_names"]]
             + ([ColSpec("string", "label")] if split != "ood" else [])

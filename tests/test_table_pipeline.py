@@ -273,6 +273,21 @@ def test_table_models_answer_by_column_name(table_run, workdir, mlflow_reader):
     check_pyfunc(reader.uri, kids, sample, classes, workdir)
 
 
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        ("/data/wine.csv", "wine"),
+        ("/data/digits-*.parquet", "digits-*"),
+        ("/data/labelled/*.csv", "labelled"),  # a pattern of wildcards only: its folder names the data
+        ("/data/labelled/*.csv + /data/far.parquet", "labelled"),
+    ],
+)
+def test_a_tables_datasets_are_named_after_its_files(source, name):
+    from tasks.tracking import data_name
+
+    assert data_name({"dataset": "table", "source": source}) == name
+
+
 def test_csv_and_parquet_give_the_same_data(tmp_path):
     """The same table as CSV and as Parquet -> the same splits, names and keys (the format is only
     how the rows are stored)."""
