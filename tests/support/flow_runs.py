@@ -92,11 +92,7 @@ def kill_worker_and_flow_runs(worker_pid: int) -> dict[int, str]:
             os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _kill_each(tree)
     return tree
 
 
@@ -104,9 +100,13 @@ def kill_flow_runs(worker_pid: int) -> dict[int, str]:
     """SIGKILL every process the worker started (its flow runs), leaving the worker alive to see them
     die and report the runs Crashed at once. Returns {pid: command line} of what was killed."""
     tree = children_of(worker_pid)
-    for pid in tree:
+    _kill_each(tree)
+    return tree
+
+
+def _kill_each(pids) -> None:
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return tree
