@@ -18,12 +18,15 @@ import dataclasses
 import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import prefect.deployments
 from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE, CompoundCachePolicy, Inputs
+from prefect.client.orchestration import get_client
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as current_flow_run
@@ -41,6 +44,9 @@ MAX_DISPATCHED = 64
 DISPATCH_RETRIES = 2
 DISPATCH_RETRY_SECONDS = 15
 SERVER_BUSY = frozenset({502, 503, 504})
+# One point's flow run created at a time: a Prefect server on SQLite answers concurrent creations
+# "database is locked" (503); the waits for the flow runs, reads only, still run side by side.
+CREATING = threading.Lock()
 
 
 @task(name="sweep-point", task_run_name="sweep-{label}", cache_policy=CACHE_POLICY, persist_result=True)
@@ -224,21 +230,27 @@ def dispatch_point(
     point) makes a retry, or the client's resend of a request whose answer was lost, find the flow run
     the server already created instead of starting the point twice."""
     sweep_run = current_flow_run.id
-    flow_run = prefect.deployments.run_deployment(
-        name=deployment,
-        parameters={
-            "label": label,
-            "method": method,
-            "model_settings": model_config,
-            "data_path": data_path,
-            "code_version": code_version,
-        },
-        job_variables={"env": {"SNGP_CACHE_DIR": str(cache_root())}},
-        flow_run_name=label,
-        idempotency_key=f"sngp-sweep {sweep_run} {label}" if sweep_run else None,
-        timeout=None,  # wait for as long as the point takes (or waits for a free worker)
-        poll_interval=poll_seconds,
-    )
+    with CREATING:
+        created = prefect.deployments.run_deployment(
+            name=deployment,
+            parameters={
+                "label": label,
+                "method": method,
+                "model_settings": model_config,
+                "data_path": data_path,
+                "code_version": code_version,
+            },
+            job_variables={"env": {"SNGP_CACHE_DIR": str(cache_root())}},
+            flow_run_name=label,
+            idempotency_key=f"sngp-sweep {sweep_run} {label}" if sweep_run else None,
+            timeout=0,  # created; waited for below, outside the lock
+        )
+    # For as long as the point takes (or waits for a free worker), polling as run_deployment does.
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(created.id)
+        while flow_run.state is None or not flow_run.state.is_final():
+            time.sleep(poll_seconds)
+            flow_run = client.read_flow_run(created.id)
     state = flow_run.state
     worker = (flow_run.labels or {}).get("prefect.worker.name")
     where = f"flow run {flow_run.name!r} ({flow_run.id})" + (f" on worker {worker}" if worker else "")

@@ -11,12 +11,12 @@ on free loopback ports and a temporary directory), `make deploy` against it, the
    the points spread over both workers (MLflow tags, the flow runs' `prefect.worker.name` labels on
    the Prefect server, the result files the point flows leave in the cache);
 3. the rerun on the pool is served from the cache (each point flow reports its task as Cached), and
-   the thread runner on the pool's cache finds every point cached too (one cache, any runner);
-4. a server that answers a point's dispatch "503, busy" past the client's own retries (Prefect's on
-   SQLite's "database is locked"), or carries it out but loses the answer, costs a retry, not a failed
-   or doubled point (a proxy in front of the Prefect server does both, deterministically);
-5. a deployment that does not exist or runs another flow is one line, exit code 2;
-6. stopping the stack stops both workers.
+   the thread runner on the pool's cache finds every point cached too (one cache, any runner); that
+   rerun talks to the Prefect server through a proxy that answers a point's dispatch "503, busy" past
+   the client's own retries (Prefect's answer to SQLite's "database is locked") and loses the answer to
+   another's: each costs a retry, not a failed or doubled point;
+4. a deployment that does not exist or runs another flow is one line, exit code 2;
+5. stopping the stack stops both workers.
 
 Nothing is mocked. `pytest -s` prints the wall times.
 """
@@ -186,11 +186,11 @@ def _creates_flow_run_of(point_id: str):
     )
 
 
-def test_a_busy_or_lost_dispatch_is_retried_without_doubling_a_point(stack, deployed, pool_run):
-    # --server-grace 2: Prefect's client tries each request twice, so three 503s outlast the first try
-    # of p003's dispatch; p005's flow run is created but the answer lost, and the client sends it again.
-    busy = {"p003 refused": (_creates_flow_run_of("p003"), 3)}
-    lost = {"p005 lost": _creates_flow_run_of("p005")}
+def test_rerun_on_the_pool_is_served_from_the_cache_through_a_busy_server(stack, deployed, pool_run):
+    """The cached rerun, its Prefect requests through a proxy: p003's dispatch is answered 503 past the
+    client's retries (--server-grace 2: each request is tried twice, three 503s outlast the first try of
+    the dispatch) and p005's flow run is created but the answer lost (the client sends it again)."""
+    first = points_of(stack.reader(), _parent_id(pool_run))
 
     def count(**flow_runs) -> int:
         return http_json(f"{stack.prefect_api}/flow_runs/count", {"flow_runs": flow_runs})
@@ -198,31 +198,23 @@ def test_a_busy_or_lost_dispatch_is_retried_without_doubling_a_point(stack, depl
     by_deployment = {"deployment_id": {"any_": [deployed["id"]]}}
     before = count(**by_deployment)
     before_p005 = count(**by_deployment, name={"like_": "p005 sngp"})
-    upstream = stack.prefect_api.removesuffix("/api")
-    with dropping_proxy(upstream, lost, busy) as proxy:
+    busy = {"p003 refused": (_creates_flow_run_of("p003"), 3)}
+    lost = {"p005 lost": _creates_flow_run_of("p005")}
+    with dropping_proxy(stack.prefect_api.removesuffix("/api"), lost, busy) as proxy:
         env = {**stack.client_env(cache_dir=stack.cache("cache-pool")), "PREFECT_API_URL": f"{proxy.url}/api"}
         proc = stack.run(
             [SNGP, "sweep", "--config", SWEEP, "--runner", "workpool", "--server-grace", "2"], env
         )
     assert proc.returncode == 0, describe(proc) + stack.logs()
-    assert proxy.refused == ["p003 refused"] * 3 and proxy.dropped == ["p005 lost"], (
-        proxy.refused,
-        proxy.dropped,
-    )
     assert f"{N_POINTS} points, {N_POINTS} finished ({N_POINTS} from the cache), 0 failed" in proc.stdout, (
         describe(proc)
     )
+    assert proxy.refused == ["p003 refused"] * 3, proxy.refused
+    assert proxy.dropped == ["p005 lost"], proxy.dropped
     assert f"Retry 1/{DISPATCH_RETRIES} will start" in proc.stderr, describe(proc)  # the dispatch's own retry
     # One flow run per point: neither the retried dispatch nor the resent request made a second one.
     assert count(**by_deployment) - before == N_POINTS
     assert count(**by_deployment, name={"like_": "p005 sngp"}) - before_p005 == 1
-
-
-def test_rerun_on_the_pool_is_served_from_the_cache(stack, deployed, pool_run):
-    first = points_of(stack.reader(), _parent_id(pool_run))
-    proc = stack.sweep("cache-pool", "--runner", "workpool")
-    assert proc.returncode == 0, describe(proc) + stack.logs()
-    assert f"{N_POINTS} finished ({N_POINTS} from the cache)" in proc.stdout, proc.stdout
     reader = stack.reader()
     points = check_complete_record(reader, _parent_id(proc), cached=True)  # a complete new record anyway
     assert_same_metrics(first, points, "cached rerun on the pool")
