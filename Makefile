@@ -19,8 +19,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/sngp run --config $(CONFIG)
 
+# The tests that mostly wait (marker `waiting`, tests/conftest.py) run in a second pytest beside the
+# others, on the same 2 cores; their report follows, and either one failing fails `make test`.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	@$(BIN)/python -m pytest -q -p no:cacheprovider -m waiting > $(VENV)/waiting-tests.log 2>&1 & waiting=$$!; \
+	$(BIN)/python -m pytest -q --durations=15 -m "not waiting"; main=$$?; \
+	wait $$waiting; waited=$$?; \
+	echo "--- the waiting tests (pytest -m waiting, run alongside) ---"; cat $(VENV)/waiting-tests.log; \
+	exit $$(( main != 0 ? main : waited ))
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"

@@ -38,9 +38,21 @@ def mlflow_reader(tmp_path_factory):
     return make
 
 
+# Tests that spend minutes waiting, not computing: Prefect's 120 s heartbeat window (the shortest it
+# allows) and a crash loop's restart backoff. Marked `waiting`: `make test` runs them in a second pytest
+# beside all the others, so the 2 cores compute while they wait.
+WAITING = (
+    "servers/test_crash_retry.py::",
+    "servers/test_supervision.py::test_crash_loop_stops_serve_with_a_message",
+)
+
+
 def pytest_collection_modifyitems(items):
     """Tests under tests/servers/ and tests/reliability/ start real server stacks and `sngp` processes:
-    marked `e2e`, so `make test-fast` (-m "not slow and not e2e") runs only the unit tests."""
+    marked `e2e`, so `make test-fast` (-m "not slow and not e2e") runs only the unit tests. WAITING
+    tests are marked `waiting`."""
     for item in items:
         if {"servers", "reliability"} & set(item.path.relative_to(Path(__file__).parent).parts):
             item.add_marker(pytest.mark.e2e)
+        if any(f"tests/{name}" in item.nodeid for name in WAITING):
+            item.add_marker(pytest.mark.waiting)
