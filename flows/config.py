@@ -34,6 +34,8 @@ from sngp_models.config import ALL_METHODS, METHODS, ModelConfig
 
 Method = Literal["deterministic", "sngp", "mc_dropout", "deep_ensemble", "exact_gp"]
 Dataset = Literal["two_moons", "digits", "table"]
+# Each data set's config section: a run's MLflow params hold only the chosen one's.
+DATASET_SECTIONS: dict[str, str] = {"two_moons": "data", "digits": "digits", "table": "table"}
 
 
 class PipelineConfig(Section):
@@ -135,8 +137,9 @@ class PipelineConfig(Section):
         return 2 if self.dataset == "two_moons" else len(self.digits.known_classes)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, for MLflow params."""
-        return flatten(self.model_dump(mode="json"))
+        """Dotted keys -> values, for MLflow params; of the data sets' sections, only the chosen one."""
+        unused = set(DATASET_SECTIONS.values()) - {DATASET_SECTIONS[self.dataset]}
+        return flatten(self.model_dump(mode="json", exclude=unused))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -37,3 +37,14 @@ def test_the_default_config_leaves_the_kernel_scale_to_the_data_set():
     assert read_config(DEFAULT_CONFIG, table).sngp.gp_kernel_scale == "auto"
     by_hand = read_config(DEFAULT_CONFIG, ["dataset=digits", "sngp.gp_kernel_scale=2"])
     assert by_hand.sngp.gp_kernel_scale == 2.0
+
+
+def test_a_run_records_only_its_data_sets_section():
+    """The MLflow params of a digits run hold digits.*, not the two moons' generator settings (data.*)
+    or an unused table section; two moons keeps data.*."""
+    digits = load_config(None, ["dataset=digits"]).flat()
+    assert "digits.known_classes" in digits and "dataset" in digits
+    assert not [k for k in digits if k.startswith(("data.", "table."))], sorted(digits)
+    moons = load_config(None).flat()
+    assert "data.n_train_per_class" in moons
+    assert not [k for k in moons if k.startswith(("digits.", "table."))], sorted(moons)
