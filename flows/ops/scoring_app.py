@@ -17,7 +17,8 @@ from fastapi import Request
 from fastapi.responses import Response
 from mlflow.pyfunc import scoring_server
 
-MODEL_URI_ENV = "SNGP_SERVE_MODEL_URI"  # set by flows.ops.model_server
+from flows.ops.model_server import MODEL_URI_ENV
+
 HIDDEN_FIELDS = ("stack_trace",)
 
 
