@@ -53,6 +53,8 @@ LATE = 90.0  # how much later than its window the automation may fire on a loade
 DETECT = WITHIN + 120  # kill -> Crashed: the crash window plus a loaded machine
 START = 240  # a flow run created -> Running on the (restarted) worker
 SHORT = 50  # seconds the short run and its retry (which must complete: two heartbeats) sleep
+# The nightly runs' nested parameters, which a retry must carry over as they are.
+MODEL_SETTINGS = {"epochs": 3, "methods": ["sngp", "deterministic"]}
 QUIET = 20  # after the last crash: long enough for the automation to have answered it (it takes seconds)
 
 
@@ -112,10 +114,12 @@ def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crash
                 describe=logs,
             )
 
-        def kill_worker_of(run_id: str) -> None:
-            """SIGKILL the worker running `run_id` with its flow run, as when its machine dies."""
+        def kill_worker_of(run_id: str, worker_too: bool = True) -> None:
+            """SIGKILL the worker running `run_id` with its flow run, as when its machine dies; without
+            `worker_too`, only the flow run: the live worker reports it Crashed at once."""
             worker = run(run_id)["labels"]["prefect.worker.name"]
-            tree = kill_worker_and_flow_runs(stack.service_pid(f"--name {worker} "))
+            kill = kill_worker_and_flow_runs if worker_too else kill_flow_runs
+            tree = kill(stack.service_pid(f"--name {worker} "))
             assert any("prefect.engine" in cmd or "_workspace_supervisor" in cmd for cmd in tree.values()), (
                 tree
             )
@@ -143,7 +147,7 @@ def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crash
         def start_nightly(seconds: float) -> dict:
             parameters = {
                 "label": f"nightly-{uuid.uuid4().hex[:8]}",
-                "model_settings": {"epochs": 3, "methods": ["sngp", "deterministic"]},
+                "model_settings": MODEL_SETTINGS,
                 "seconds": seconds,
             }
             return http_json(f"{api}/deployments/{nightly['id']}/create_flow_run", {"parameters": parameters})
@@ -152,10 +156,9 @@ def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crash
         label, outcome = f"nightly-{uuid.uuid4().hex[:8]}", {}
 
         def dispatch() -> None:
-            settings = {"epochs": 3, "methods": ["sngp", "deterministic"]}
             try:
                 dispatch_point.fn(
-                    label, "sngp", settings, "/nowhere.npz", RETRAIN_DEPLOYMENT, poll_seconds=2.0
+                    label, "sngp", MODEL_SETTINGS, "/nowhere.npz", RETRAIN_DEPLOYMENT, poll_seconds=2.0
                 )
                 outcome["error"] = "the dispatch returned normally"
             except FlowRunFailed as exc:
@@ -212,9 +215,7 @@ def test_a_crashed_nightly_run_is_retried_once_and_a_crashed_retry_is_left_crash
         retries_running = time.monotonic()
 
         # The long one's retry crashes too (its flow-run process dies) while the short one's completes.
-        worker = run(long_retry)["labels"]["prefect.worker.name"]
-        tree = kill_flow_runs(stack.service_pid(f"--name {worker} "))
-        assert any("prefect.engine" in cmd or "_workspace_supervisor" in cmd for cmd in tree.values()), tree
+        kill_worker_of(long_retry, worker_too=False)
         killed_again = time.monotonic()
         completed = wait_for(
             "the retry of the short run did not end",
