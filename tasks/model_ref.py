@@ -16,14 +16,11 @@ not a pyfunc, raises ModelNotFound with one line saying which and why.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .redaction import redact
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
 _LOGGED = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]{32})$")

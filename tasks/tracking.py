@@ -37,7 +37,6 @@ from .redaction import redact
 
 # Logging from our own signature: no input example (it would load TensorFlow to validate it).
 warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 logger = logging.getLogger(__name__)
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent

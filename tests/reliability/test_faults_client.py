@@ -206,23 +206,41 @@ ANSWER_LOST = {
 }
 
 
-def test_requests_carried_out_but_never_answered_create_nothing_twice(tmp_path):
+# Requests whose answer is cut off after its headers (an upload's answer has no body to cut off)
+ANSWER_CUT = {
+    "read a run": lambda method, path, body: path.startswith(f"{MLFLOW_API}runs/get"),
+    "search runs": lambda method, path, body: path.startswith(f"{MLFLOW_API}runs/search"),
+    "create the method's run": ANSWER_LOST["create the method's run"],
+    "create the logged model": ANSWER_LOST["create the logged model"],
+    "log params": lambda method, path, body: (
+        path.startswith(f"{MLFLOW_API}runs/log-batch") and bool(json.loads(body or b"{}").get("params"))
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", ["never answered", "answer cut off"])
+def test_requests_carried_out_but_not_answered_create_nothing_twice(fault, tmp_path):
     """A server killed between carrying out a request and answering it, made deterministic: a proxy
     forwards each request of ANSWER_LOST to the real server, then closes the connection unanswered, and
-    MLflow's client sends it again. The run completes with one parent, one method run, one logged model,
-    each metric logged once per step, and a complete record."""
+    MLflow's client sends it again. Or it closes the connection after the answer's headers (ANSWER_CUT:
+    a server killed while it answers), and tasks/mlflow_resend.py sends the request again. The run
+    completes with one parent, one method run, one logged model, each metric logged once per step, and
+    a complete record."""
     server = MlflowServer(tmp_path / "mlflow")
-    with running(server), dropping_proxy(server.url, ANSWER_LOST) as proxy:
+    rules = {"rules": ANSWER_LOST} if fault == "never answered" else {"rules": {}, "cut": ANSWER_CUT}
+    with running(server), dropping_proxy(server.url, **rules) as proxy:
         proc = run_sngp([*SMOKE_ONE, "--tracking-uri", proxy.url, "--server-grace", "60"], tmp_path / "run")
         assert proc.returncode == 0, describe(proc)
-        assert sorted(proxy.dropped) == sorted(ANSWER_LOST), proxy.dropped
+        assert sorted(proxy.dropped) == sorted(ANSWER_LOST if fault == "never answered" else ANSWER_CUT)
         kids = check_complete_record(server.url, proc.parent_id, [METHOD])
         check_one_of_each(server.url)
         run_id = kids[METHOD].info.run_id
         for key in kids[METHOD].data.metrics:
             steps = [m.step for m in client(server.url).get_metric_history(run_id, key)]
             assert len(steps) == len(set(steps)), (key, steps)
-    print(f"\n{len(proxy.dropped)} answers lost, each request retried: one record, {proc.seconds:.1f} s")
+    cut_off = proc.stderr.count("was cut off")
+    assert cut_off == (len(ANSWER_CUT) if fault == "answer cut off" else 0), describe(proc)
+    print(f"\n{fault}: {len(proxy.dropped)} requests, each sent again; one record ({proc.seconds:.1f} s)")
 
 
 def test_a_registration_carried_out_but_never_answered_makes_one_version(tmp_path):

@@ -1,8 +1,8 @@
 """An HTTP proxy between a client and a real server that carries out a chosen request and then closes the
 connection without answering it: what a server killed between its commit and its answer looks like to the
-client, made deterministic. The client's own retry then sends the request again. It can also answer
-chosen requests "503 Service Unavailable" without forwarding them, as a busy server does (Prefect's on
-SQLite's "database is locked").
+client, made deterministic. The client's own retry then sends the request again. It can also cut an
+answer off after its headers (a server killed while it answers), and answer chosen requests "503 Service
+Unavailable" without forwarding them, as a busy server does (Prefect's on SQLite's "database is locked").
 
 Real sockets, real HTTP, nothing mocked: every other request is forwarded as it is.
 """
@@ -28,16 +28,22 @@ DropRule = Callable[[str, str, bytes], bool]
 
 class DroppingProxy:
     """Forwards to `upstream`; the first request each rule matches is carried out upstream, then its
-    connection is closed unanswered (each rule fires once). The first `times` requests each `busy` rule
-    matches are answered 503 and not forwarded. `seen`: every request, as "METHOD path"; `dropped`: the
-    rules that left a request unanswered; `refused`: the busy rule of each 503 answered."""
+    connection is closed unanswered (each rule fires once), or, for a `cut` rule, closed after the
+    answer's headers. The first `times` requests each `busy` rule matches are answered 503 and not
+    forwarded. `seen`: every request, as "METHOD path"; `dropped`: the rules that left a request
+    unanswered or cut its answer off; `refused`: the busy rule of each 503 answered."""
 
     def __init__(
-        self, upstream: str, rules: dict[str, DropRule], busy: dict[str, tuple[DropRule, int]] | None = None
+        self,
+        upstream: str,
+        rules: dict[str, DropRule],
+        busy: dict[str, tuple[DropRule, int]] | None = None,
+        cut: dict[str, DropRule] | None = None,
     ):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
-        self.pending = dict(rules)
+        self.pending = {**rules, **(cut or {})}
+        self.cut = set(cut or {})
         self.busy = {name: [rule, times] for name, (rule, times) in (busy or {}).items()}
         self.seen: list[str] = []
         self.dropped: list[str] = []
@@ -96,20 +102,27 @@ class DroppingProxy:
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 status, reason, answer_headers, answer = proxy.forward(self.command, self.path, headers, body)
-                if proxy.drop(self.command, self.path, body):
+                rule = proxy.drop(self.command, self.path, body)
+                if rule in proxy.cut:
+                    self.answer(status, reason, answer_headers, answer, body=False)
+                if rule:
                     self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)  # done upstream, never answered
+                    self.connection.shutdown(socket.SHUT_RDWR)  # done upstream, never (fully) answered
                     return
                 self.answer(status, reason, answer_headers, answer)
 
-            def answer(self, status: int, reason: str, answer_headers: list, answer: bytes) -> None:
+            def answer(
+                self, status: int, reason: str, answer_headers: list, answer: bytes, body: bool = True
+            ) -> None:
                 self.send_response_only(status, reason)
                 for key, value in answer_headers:
                     if key.lower() not in _HOP_BY_HOP:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
-                self.wfile.write(answer)
+                if body:
+                    self.wfile.write(answer)
+                self.wfile.flush()
 
             def read_body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -132,10 +145,13 @@ class DroppingProxy:
 
 @contextmanager
 def dropping_proxy(
-    upstream: str, rules: dict[str, DropRule], busy: dict[str, tuple[DropRule, int]] | None = None
+    upstream: str,
+    rules: dict[str, DropRule],
+    busy: dict[str, tuple[DropRule, int]] | None = None,
+    cut: dict[str, DropRule] | None = None,
 ) -> Iterator[DroppingProxy]:
     """A DroppingProxy serving for a `with` block."""
-    proxy = DroppingProxy(upstream, rules, busy)
+    proxy = DroppingProxy(upstream, rules, busy, cut)
     thread = threading.Thread(target=proxy.server.serve_forever, daemon=True)
     thread.start()
     try:
