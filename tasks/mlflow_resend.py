@@ -3,7 +3,7 @@
 A server killed while it answers (the MLflow server SIGKILLed, out of memory, its host lost) can have
 sent the answer's headers but not its body. MLflow's client retries a request that got no answer at all
 (urllib3's retries: refused, reset, closed before the headers), but not one whose body was cut off:
-requests reads the body after urllib3 has returned, so the run failed with "Connection broken:
+requests reads the body after urllib3 has returned, and the request fails with "Connection broken:
 IncompleteRead". Both are the same event to the pipeline, which already expects a request to be carried
 out twice (tasks.tracking.KEY_TAG: runs and models created twice keep one copy).
 
