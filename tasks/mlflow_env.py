@@ -19,5 +19,6 @@ def resend_plugin_installed() -> bool:
 
 def apply_defaults() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs
-    if resend_plugin_installed():
-        os.environ.setdefault("MLFLOW_TRACKING_AUTH", RESEND_PROVIDER)
+    # A child process inherits the choice: only the first one looks for the plugin (an entry-point scan).
+    if "MLFLOW_TRACKING_AUTH" not in os.environ and resend_plugin_installed():
+        os.environ["MLFLOW_TRACKING_AUTH"] = RESEND_PROVIDER

@@ -283,7 +283,7 @@ def test_table_models_answer_by_column_name(table_run, workdir, mlflow_reader):
     ],
 )
 def test_a_tables_datasets_are_named_after_its_files(source, name):
-    from tasks.tracking import data_name
+    from tasks.tracking import data_name  # lazy: imports MLflow, which collection need not load
 
     assert data_name({"dataset": "table", "source": source}) == name
 
